@@ -1,0 +1,34 @@
+# gm: two commands for a fresh clone (README): `make demo` runs the whole pipeline on the
+# small default config on CPU; `make test` runs the test suite. Each builds .venv if missing.
+PY := .venv/bin/python
+VENV := .venv/.installed
+# keep notebook kernels and matplotlib caches inside the project
+export IPYTHONDIR := $(CURDIR)/.cache/ipython
+export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
+export JUPYTER_CONFIG_DIR := $(CURDIR)/.cache/jupyter
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test test-fast lab clean-demo
+
+$(VENV): requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+demo: $(VENV)
+	$(PY) scripts/run_notebooks.py --run-name demo
+
+test: $(VENV)
+	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --nbval-lax --nbval-current-env notebooks
+
+test-fast: $(VENV)
+	$(PY) -m pytest -q -x tests
+
+lab: $(VENV)
+	$(PY) -m pip install -q jupyterlab
+	$(PY) -m jupyter lab notebooks
+
+clean-demo:
+	rm -rf work/demo results/demo

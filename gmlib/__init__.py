@@ -1,0 +1,1 @@
+"""gm: a mixture of independently trained transformer experts, routed by a local rule."""

@@ -1,0 +1,49 @@
+"""Atomic file writes: write to a temporary file in the same folder, fsync, then rename.
+A reader (or a rerun after a crash) sees either the old file or the new one, never half."""
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; on success rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(path, data: bytes):
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+def write_text(path, text: str):
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path, obj, indent=2):
+    write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent, default=_jsonable) + "\n")
+
+
+def _jsonable(x):
+    # numpy scalars and arrays, Paths: the usual suspects in metrics dicts
+    if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:
+        return x.item()
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")

@@ -1,0 +1,78 @@
+"""The record of one notebook stage inside results/<run_name>/.
+
+Every stage saves its parameters as `<stage>.params.yaml`, merges its metrics into the
+run's `metrics.json` (with git commit, device and seconds under `stages.<stage>`), and
+saves figures as PNG and tables as CSV plus a Markdown copy. Several stages (01, 02, ...)
+may share one run folder, e.g. results/demo/."""
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import yaml
+
+from . import atomic
+from .paths import REPO_ROOT, results_dir
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name() -> str:
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+class RunLog:
+    def __init__(self, run_name: str, stage: str):
+        self.run_name, self.stage = run_name, stage
+        self.dir = results_dir(run_name)
+        self.t0 = time.time()
+
+    def save_params(self, params: dict):
+        atomic.write_text(self.dir / f"{self.stage}.params.yaml", yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
+
+    def save_metrics(self, metrics: dict) -> dict:
+        """Merge `metrics` into metrics.json (top-level keys are replaced) and stamp the stage."""
+        path = self.dir / "metrics.json"
+        merged = json.loads(path.read_text()) if path.exists() else {}
+        merged.update(metrics)
+        merged.setdefault("stages", {})[self.stage] = {
+            "git_commit": git_commit(), "device": device_name(),
+            "seconds": round(time.time() - self.t0, 2),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        atomic.write_json(path, merged)
+        return merged
+
+    def savefig(self, fig, name: str) -> Path:
+        path = self.dir / f"{name}.png"
+        with atomic.atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        return path
+
+    def save_table(self, df, name: str, floatfmt=".4g") -> Path:
+        """CSV (machine-readable) plus a Markdown copy (for the README)."""
+        atomic.write_text(self.dir / f"{name}.csv", df.to_csv(index=False))
+        atomic.write_text(self.dir / f"{name}.md", _markdown(df, floatfmt))
+        return self.dir / f"{name}.csv"
+
+
+def _markdown(df, floatfmt):
+    # pandas.to_markdown needs `tabulate`; a plain pipe table needs nothing.
+    def cell(v):
+        return format(v, floatfmt) if isinstance(v, float) else str(v)
+    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    sep = "|" + "|".join("---" for _ in df.columns) + "|"
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, sep, *rows]) + "\n"
