@@ -19,9 +19,13 @@ $(VENV): requirements.txt pyproject.toml
 demo: $(VENV)
 	$(PY) scripts/run_notebooks.py --run-name demo
 
+# tests write into .cache/test-*, never into results/ or work/
 test: $(VENV)
-	$(PY) -m pytest -q tests
-	$(PY) -m pytest -q --nbval-lax --nbval-current-env notebooks
+	rm -rf .cache/test-results .cache/test-work
+	GM_RESULTS_DIR=$(CURDIR)/.cache/test-results GM_WORK_DIR=$(CURDIR)/.cache/test-work \
+	  $(PY) -m pytest -q tests
+	GM_RESULTS_DIR=$(CURDIR)/.cache/test-results GM_WORK_DIR=$(CURDIR)/.cache/test-work \
+	  $(PY) -m pytest -q --nbval-lax --nbval-current-env notebooks
 
 test-fast: $(VENV)
 	$(PY) -m pytest -q -x tests

@@ -19,6 +19,7 @@ class GPTConfig:
     n_embd: int = 768
     mlp_ratio: int = 4
     rope_base: float = 10000.0
+    activation: str = "gelu"  # "gelu" (tanh approximation) or "relu2" (squared ReLU, Primer / modded-nanogpt)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -28,6 +29,8 @@ class GPTConfig:
         for k in ("vocab_size", "seq_len", "n_layer", "n_head", "n_embd", "mlp_ratio"):
             if getattr(self, k) < 1:
                 raise ValueError(f"GPTConfig: {k}={getattr(self, k)} must be positive")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"GPTConfig: activation={self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
 
     @property
     def n_params(self) -> int:
@@ -108,14 +111,27 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
+def gelu(x):
+    return F.gelu(x, approximate="tanh")
+
+
+def relu2(x):
+    # cheaper than GELU and slightly better per step at small scale (So et al. 2021, "Primer")
+    return F.relu(x).square()
+
+
+ACTIVATIONS = {"gelu": gelu, "relu2": relu2}
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.fc = nn.Linear(cfg.n_embd, cfg.mlp_ratio * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.mlp_ratio * cfg.n_embd, cfg.n_embd, bias=False)
+        self.act = ACTIVATIONS[cfg.activation]
 
     def forward(self, x):
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        return self.proj(self.act(self.fc(x)))
 
 
 class Block(nn.Module):
@@ -150,9 +166,12 @@ class GPT(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, 0.0, 0.02)
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None):
+    def forward(self, idx, targets=None, cache: KVCache | None = None, return_logits: bool = True):
         """idx (B, T) token ids -> logits (B, T, V) in fp32, and the mean cross-entropy if targets
-        are given. With a cache, idx continues the cached tokens and the cache grows by T."""
+        are given. With a cache, idx continues the cached tokens and the cache grows by T.
+        Training passes return_logits=False: the loss is then computed from the logits in the
+        autocast dtype (the fp32 upcast fuses into the loss under torch.compile) and the full
+        (B, T, V) fp32 logits, the largest activation of a small model, are never materialised."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.seq_len:
@@ -163,11 +182,11 @@ class GPT(nn.Module):
             x = block(x, cos, sin, cache, i)
         if cache is not None:
             cache.length += T
-        logits = F.linear(self.norm(x), self.wte.weight).float()  # tied output projection
+        logits = F.linear(self.norm(x), self.wte.weight)  # tied output projection
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return (logits.float() if return_logits else None), loss
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.wte.weight

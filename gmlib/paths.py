@@ -25,7 +25,9 @@ def work_dir(name: str) -> Path:
 
 
 def results_dir(name: str) -> Path:
-    """Published outputs of a run (notebooks, params, metrics, figures): results/<name>/."""
-    p = REPO_ROOT / "results" / name
+    """Published outputs of a run (notebooks, params, metrics, figures): results/<name>/.
+    Tests point GM_RESULTS_DIR (and GM_WORK_DIR) elsewhere so they never touch published results."""
+    root = Path(os.environ.get("GM_RESULTS_DIR", REPO_ROOT / "results"))
+    p = root / name
     p.mkdir(parents=True, exist_ok=True)
     return p

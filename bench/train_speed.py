@@ -1,0 +1,200 @@
+"""Training speed of the expert engine: tokens/s, MFU and peak memory of gmlib.train.Trainer.
+
+  python bench/train_speed.py                                  # CPU record: tiny, eager (a minute)
+  python bench/train_speed.py --suite h100 --out $OUT/train_speed.json --budget-s 470
+  python bench/train_speed.py --variants 124m-b32 350m-b16     # chosen variants only
+  python bench/train_speed.py --list
+
+What is timed is the real training step of gmlib.train (data sampling, host-to-device copy,
+forward, loss, backward, gradient clipping, fused AdamW), on random tokens at vocab 32000,
+after warm-up steps that include compilation. Each variant runs in its own process (a clean
+compile, a fresh peak-memory count, an out-of-memory that cannot take the rest down) and is
+written to --out as soon as it finishes, so a run cut short keeps what it measured.
+
+MFU = tokens/s x flops_per_token / 989e12 (H100 SXM dense bf16 peak; H200 has the same),
+where flops_per_token = 6N + 12·L·d·T (N all parameters, the tied embedding once; attention
+scores and values counted over the full T x T, no causal halving; PaLM appendix B), the same
+count the BRIEF's naive-GPT numbers use (110M: 545k tokens/s = 42.5%).
+
+Records are merged into --out, replacing those with the same (config, variant, device).
+"""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PEAK_FLOPS = 989e12
+VOCAB = 32000
+
+# name -> settings; suites list names in priority order (a time budget runs them until it is spent)
+BASE = dict(batch=32, compile=True, mode=None, activation="gelu", fp32_logits=False, inductor={}, seq_len=1024)
+VARIANTS = {
+    "124m-b32": dict(config="124m"),
+    "350m-b16": dict(config="350m", batch=16),
+    "124m-b32-eager": dict(config="124m", compile=False),                 # what compile buys
+    "124m-b16": dict(config="124m", batch=16),                            # what the micro-batch buys
+    "124m-b32-fp32logits": dict(config="124m", fp32_logits=True),         # the naive loss path
+    "124m-b32-relu2": dict(config="124m", activation="relu2"),
+    "124m-b64": dict(config="124m", batch=64),
+    "350m-b32": dict(config="350m", batch=32),
+    "350m-b16-relu2": dict(config="350m", batch=16, activation="relu2"),
+    "124m-b32-autotune": dict(config="124m", mode="max-autotune-no-cudagraphs"),
+    "124m-b32-coordtune": dict(config="124m", inductor={"coordinate_descent_tuning": True}),
+    "350m-b16-autotune": dict(config="350m", batch=16, mode="max-autotune-no-cudagraphs"),
+    "tiny-cpu": dict(config="tiny", batch=8, compile=False, seq_len=128),
+}
+SUITES = {
+    "cpu": ["tiny-cpu"],
+    "h100": ["124m-b32", "350m-b16", "124m-b32-eager", "124m-b16", "124m-b32-fp32logits", "124m-b32-relu2",
+             "124m-b64", "350m-b32", "350m-b16-relu2", "124m-b32-autotune", "124m-b32-coordtune",
+             "350m-b16-autotune"],
+}
+# rough seconds a variant needs on an H100 (process start, compile, warm-up, timing): skip what cannot fit
+NEED_S = {"autotune": 240, "coordtune": 150, "eager": 30, "tiny-cpu": 40, "350m": 110}
+
+
+def need_seconds(name: str) -> int:
+    return next((s for k, s in NEED_S.items() if k in name), 75)
+
+
+def random_shards(root: Path, n_tokens: int = 1 << 22):
+    """One shard folder of uniform random tokens: speed does not depend on the text."""
+    import numpy as np
+    from gmlib.data import ShardWriter
+    with ShardWriter(root, vocab_size=VOCAB, sources=["random"]) as w:
+        w.add(np.random.default_rng(0).integers(0, VOCAB, n_tokens))
+    return root
+
+
+def measure(name: str, shard_dir: str, seconds: float) -> dict:
+    """Run in the child process: build, warm up, time; return one record."""
+    import torch
+    from gmlib.data import TokenShards, WindowSampler
+    from gmlib.model import GPT, make_config
+    from gmlib.runlog import device_name, git_commit
+    from gmlib.train import Trainer, TrainConfig
+
+    v = {**BASE, **VARIANTS[name]}
+    for k, val in v["inductor"].items():
+        import torch._inductor.config as ic
+        setattr(ic, k, val)
+    cfg = make_config(v["config"], vocab_size=VOCAB, seq_len=v["seq_len"], activation=v["activation"])
+    tc = TrainConfig(max_steps=10**9, batch_size=v["batch"], compile=v["compile"], compile_mode=v["mode"],
+                     eval_every=0, log_every=10**9, warmup_steps=10, device="auto")
+    torch.manual_seed(0)
+    tr = Trainer(GPT(cfg), tc, WindowSampler(TokenShards(shard_dir), cfg.seq_len, v["batch"]))
+    if v["fp32_logits"]:
+        # the naive path: the compiled graph returns the full fp32 logits beside the loss
+        model = tr.model
+        tr.forward = torch.compile(lambda x, y, return_logits: model(x, y, return_logits=True), mode=v["mode"]) \
+            if v["compile"] else (lambda x, y, return_logits: model(x, y, return_logits=True))
+    cuda = tr.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    tr.run(steps=3, progress=False)                  # compile, autotune, allocator warm-up
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tr.run(steps=3, progress=False)
+    step_s = (time.perf_counter() - t0) / 3
+    n = max(5, min(500, int(seconds / step_s)))
+    t0 = time.perf_counter()
+    tr.run(steps=n, progress=False)                  # ends with a device synchronisation
+    dt = time.perf_counter() - t0
+    tps = n * tr.tokens_per_step / dt
+    fpt = cfg.flops_per_token()
+    return {
+        "config": v["config"], "variant": name, "params": cfg.n_params, "seq_len": cfg.seq_len, "batch": v["batch"],
+        "tokens_per_s": round(tps, 1), "mfu": round(tps * fpt / PEAK_FLOPS, 4) if cuda else None,
+        "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
+        "device": device_name(), "torch": torch.__version__, "commit": git_commit(),
+        "step_ms": round(1000 * dt / n, 2), "steps_timed": n, "compile_s": round(compile_s, 1),
+        "flops_per_token": fpt, "flops_count": "6N + 12*L*d*T (N incl. tied embedding), peak 989e12 bf16",
+        "settings": {k: v[k] for k in ("compile", "mode", "activation", "fp32_logits", "inductor")},
+        "vocab": VOCAB, "load_avg_1m": round(os.getloadavg()[0], 2), "status": "ok", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def run_child(name: str, shard_dir: Path, seconds: float, timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--child", name, "--shards", str(shard_dir), "--seconds", str(seconds)]
+    # own process group, so a timeout also ends the compile workers it started
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        return {"variant": name, "status": f"timeout after {timeout:.0f} s"}
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    if p.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    oom = "OutOfMemoryError" in err or "out of memory" in err
+    return {"variant": name, "status": "oom" if oom else f"error (rc {p.returncode}): {err.strip()[-600:]}"}
+
+
+def merge(path: Path, rec: dict):
+    from gmlib import atomic
+    records = json.loads(path.read_text()) if path.is_file() else []
+    key = lambda r: (r.get("config"), r.get("variant"), r.get("device"))  # noqa: E731
+    records = [r for r in records if key(r) != key(rec)] + [rec]
+    atomic.write_json(path, records)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", default="cpu", choices=sorted(SUITES))
+    ap.add_argument("--variants", nargs="*", help="run these variant names instead of a suite")
+    ap.add_argument("--out", type=Path, default=REPO / "results" / "bench" / "train_speed.json")
+    ap.add_argument("--budget-s", type=float, default=470, help="wall-clock budget for all variants")
+    ap.add_argument("--seconds", type=float, default=8, help="timed seconds per variant (after warm-up)")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--shards", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(args.child, args.shards, args.seconds)))
+        return
+    if args.list:
+        for k, v in VARIANTS.items():
+            print(f"{k:22s} {({**BASE, **v})}")
+        return
+    names = args.variants or SUITES[args.suite]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variant(s) {unknown}; see --list")
+    t_start = time.time()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        shard_dir = random_shards(Path(tmp) / "shards")
+        for name in names:
+            left = args.budget_s - (time.time() - t_start)
+            if left < need_seconds(name):
+                print(f"-- {name}: skipped ({left:.0f} s left, needs about {need_seconds(name)} s)", flush=True)
+                continue
+            t0 = time.time()
+            rec = run_child(name, shard_dir, args.seconds, timeout=left)
+            rec["wall_s"] = round(time.time() - t0, 1)
+            results.append(rec)
+            if rec["status"] == "ok":
+                merge(args.out, rec)
+                mfu = f"{100 * rec['mfu']:.1f}% MFU" if rec["mfu"] is not None else "MFU n/a (cpu)"
+                mem = f"{rec['peak_mem_gb']} GB" if rec["peak_mem_gb"] is not None else "-"
+                print(f"-- {name}: {rec['tokens_per_s']:,.0f} tokens/s, {mfu}, peak {mem}, step {rec['step_ms']} ms, "
+                      f"compile+warm-up {rec['compile_s']} s, wall {rec['wall_s']} s", flush=True)
+            else:
+                print(f"-- {name}: {rec['status']}", flush=True)
+    print(f"\n{len([r for r in results if r['status'] == 'ok'])} variant(s) measured in {time.time() - t_start:.0f} s; "
+          f"records merged into {args.out}")
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,377 @@
+"""Evaluation, the same code path for every model (anything with gmlib.mixture's interface:
+a dense GPT, one gm expert, the gm mixture).
+
+Held-out quality (the article's Table 2, made tokenizer-independent):
+  bits per byte   sum over documents of -log2 p(x_t | x_<t) over every token but the leading
+                  bos, divided by the documents' UTF-8 bytes (the bytes of the text, as stored
+                  in the shards). It does not depend on the tokenizer, so models with different
+                  vocabularies compare.
+  per-token ppl   exp(total nats / number of predicted tokens)
+  per-word ppl    exp(total nats / number of whitespace-separated words)
+  95% intervals   percentile bootstrap over documents (the documents are the independent units;
+                  tokens inside a document are not), fixed seed, the same resamples for all three.
+PARus zero-shot (Table 3): each alternative is scored by its log-likelihood given the context;
+the more likely one is the answer. Primary: the SUM of the alternative's token log-probs;
+secondary: the mean per token (length-normalised). Accuracy with a Wilson 95% interval.
+Generation: the article's two prompts, every model side by side, fixed sampling and seed.
+
+Tokenizers are anything with encode(str) -> list[int], decode(list[int]) -> str and bos_id()
+(SentencePiece). Cleaning of a raw JSONL corpus is passed in (`clean_fn`), because gmlib never
+imports data_prep.
+"""
+import gzip
+import json
+import math
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .checkpoint import load_checkpoint
+from .data import TokenShards
+from .mixture import MixtureConfig, MixtureLM, SingleLM
+
+# The article's two generation prompts (the "Контекст:" lines of the Habr article, 2021).
+PROMPT_METHANOL = ("Также ученые сообщили об обнаружении метанола в отдаленных от центра Млечного Пути "
+                   "молекулярных облаках. По словам исследователей, их открытие ставит под сомнение")
+PROMPT_SWEETS = ("Я огляделась по сторонам и увидела женщину, торопливо уводящую нескольких детей подальше "
+                 "от двух наших групп. Она тоже оглянулась, перевела взгляд на нас и приказала своим отпрыскам "
+                 "поторапливаться. Младший захныкал, пытаясь задержать ее у витрины со сладостями")
+PROMPTS = {"methanol": PROMPT_METHANOL, "sweets": PROMPT_SWEETS}
+
+
+# ---------------------------------------------------------------------------------------------
+# documents
+
+
+@dataclass
+class EvalDoc:
+    tokens: np.ndarray  # [bos] + the text's tokens
+    nbytes: int         # UTF-8 bytes of the text
+    nwords: int         # whitespace-separated words of the text
+
+
+def docs_from_shards(root, tokenizer, max_docs: int | None = None) -> list[EvalDoc]:
+    """Documents of a shard folder (e.g. work/<data>/shards/test). With max_docs, that many
+    documents evenly spaced over the folder (shards are written source by source, so the first
+    N documents would come from one source only)."""
+    shards = TokenShards(root)
+    n = len(shards)
+    idx = range(n) if max_docs is None or max_docs >= n else np.unique(np.linspace(0, n - 1, max_docs).round().astype(int))
+    bos = tokenizer.bos_id()
+    out = []
+    for i in idx:
+        toks = shards.doc(int(i))
+        if len(toks) == 0 or toks[0] != bos:
+            raise ValueError(f"{shards.root}: document {i} does not start with bos={bos} (another tokenizer's shards?)")
+        text = tokenizer.decode(toks[1:].tolist())
+        nbytes = int(shards.doc_nbytes[i]) or len(text.encode("utf-8"))  # 0 = not recorded: the tokenizer round-trips
+        out.append(EvalDoc(toks, nbytes, len(text.split())))
+    return out
+
+
+def read_jsonl(path):
+    """Records of a JSONL file (plain or .gz) with their line numbers; a bad line is an error
+    naming the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+            yield n, rec
+
+
+def docs_from_jsonl(path, tokenizer, clean_fn=None, max_docs: int | None = None) -> list[EvalDoc]:
+    """Documents of a corpus-format JSONL file ({"text": ..., "source": ...} per line), cleaned by
+    `clean_fn(record) -> cleaned text, or None to drop it` (the data pipeline's cleaner: the
+    notebook passes data_prep's), then tokenized as the shards are: [bos] + encode(text)."""
+    out, bos = [], tokenizer.bos_id()
+    for n, rec in read_jsonl(path):
+        if not isinstance(rec.get("text"), str):
+            raise ValueError(f"{path}:{n}: no \"text\" string field")
+        text = clean_fn(rec) if clean_fn else rec["text"]
+        if not text:
+            continue
+        out.append(EvalDoc(np.array([bos] + list(tokenizer.encode(text)), np.int64), len(text.encode("utf-8")), len(text.split())))
+        if max_docs and len(out) >= max_docs:
+            break
+    if not out:
+        raise ValueError(f"{path}: no documents left to evaluate")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# held-out quality
+
+
+def bootstrap(stat, n: int, n_boot: int = 1000, seed: int = 0, chunk: int = 100) -> np.ndarray:
+    """stat(weights) for `n_boot` resamples of n units; weights (b, n) are the resample counts."""
+    rng, out = np.random.default_rng(seed), []
+    for b in range(0, n_boot, chunk):
+        m = min(chunk, n_boot - b)
+        out.append(stat(rng.multinomial(n, np.full(n, 1.0 / n), size=m).astype(np.float64)))
+    return np.concatenate(out)
+
+
+def doc_nats(lm, docs: list[EvalDoc]) -> np.ndarray:
+    """Each document's total loss in nats: -sum log p(x_t | x_<t) over every token but the bos."""
+    return np.array([-lp.sum() for lp in lm.token_logprobs_many([d.tokens for d in docs])])
+
+
+def quality(lm, docs: list[EvalDoc], n_boot: int = 1000, seed: int = 0, nats: np.ndarray | None = None) -> dict:
+    """bpb, per-token and per-word perplexity with bootstrap 95% intervals over documents."""
+    if not docs:
+        raise ValueError("quality: no documents to evaluate")
+    t0 = time.time()
+    nats = doc_nats(lm, docs) if nats is None else nats
+    ntok = np.array([len(d.tokens) - 1 for d in docs], np.float64)
+    nbytes = np.array([d.nbytes for d in docs], np.float64)
+    nwords = np.array([d.nwords for d in docs], np.float64)
+    ratios = {"bpb": (nats / math.log(2), nbytes, lambda r: r),
+              "ppl_token": (nats, ntok, np.exp), "ppl_word": (nats, nwords, np.exp)}
+    out = {}
+    for name, (num, den, f) in ratios.items():
+        out[name] = float(f(num.sum() / den.sum()))
+        boot = f(bootstrap(lambda w: (w @ num) / (w @ den), len(docs), n_boot, seed))
+        out[f"{name}_lo"], out[f"{name}_hi"] = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
+    out.update(n_docs=len(docs), n_tokens=int(ntok.sum()), n_bytes=int(nbytes.sum()), n_words=int(nwords.sum()),
+               eval_seconds=round(time.time() - t0, 2))
+    return out
+
+
+def quality_table(models: dict, docs: list[EvalDoc], n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """One row per model. `bpb_delta` is the model's bpb minus the FIRST model's, with a paired
+    bootstrap interval (the same resampled documents for both): the honest test of "better"."""
+    rows, ref = [], None
+    nbytes = np.array([d.nbytes for d in docs], np.float64)
+    for name, lm in models.items():
+        t0 = time.time()
+        bits = doc_nats(lm, docs) / math.log(2)
+        row = {"model": name, **quality(lm, docs, n_boot, seed, nats=bits * math.log(2))}
+        row["eval_seconds"] = round(time.time() - t0, 2)
+        ref = bits if ref is None else ref
+        delta = bootstrap(lambda w: (w @ bits - w @ ref) / (w @ nbytes), len(docs), n_boot, seed)
+        row["bpb_delta"] = float((bits - ref).sum() / nbytes.sum())
+        row["bpb_delta_lo"], row["bpb_delta_hi"] = (float(v) for v in np.percentile(delta, [2.5, 97.5]))
+        rows.append({**row, "params_total": lm.params_total, "params_active": lm.params_active,
+                     "train_gpu_seconds": getattr(lm, "train_gpu_seconds", None)})
+    return pd.DataFrame(rows)
+
+
+def quality_figure(df: pd.DataFrame):
+    """Bits per byte and per-word perplexity (log scale) of every model, with 95% intervals."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(6 + 1.2 * len(df), 3.8))
+    x = np.arange(len(df))
+    for ax, col, label, fmt in [(axes[0], "bpb", "bits per byte (lower is better)", "{:.3f}"),
+                                (axes[1], "ppl_word", "per-word perplexity (lower is better)", "{:.3g}")]:
+        err = np.stack([df[col] - df[f"{col}_lo"], df[f"{col}_hi"] - df[col]])
+        bars = ax.bar(x, df[col], yerr=err, capsize=4, color="tab:blue", alpha=0.8)
+        ax.bar_label(bars, [fmt.format(v) for v in df[col]], label_type="center", color="white", fontsize=8)
+        ax.set_xticks(x, df["model"], rotation=30, ha="right")
+        ax.set_ylabel(label)
+        ax.set_xlabel("model")
+    axes[1].set_yscale("log")
+    fig.suptitle(f"Held-out documents (n={int(df['n_docs'].iloc[0])}, {int(df['n_bytes'].iloc[0]):,} bytes), "
+                 "95% bootstrap intervals", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# PARus zero-shot
+
+PARUS_FIELDS = ("premise", "choice1", "choice2", "question", "label")
+CONNECTORS = {"cause": " потому что", "effect": ", поэтому"}
+RELATION = {"cause": "причиной", "effect": "следствием"}
+STYLES = ("connector", "mera")
+
+
+def load_parus(path) -> list[dict]:
+    """PARus-format JSONL: {idx, premise, choice1, choice2, question: cause|effect, label: 0|1}."""
+    items = []
+    for n, rec in read_jsonl(path):
+        missing = [k for k in PARUS_FIELDS if k not in rec]
+        if missing:
+            raise ValueError(f"{path}:{n}: PARus record lacks {missing}")
+        if rec["question"] not in CONNECTORS:
+            raise ValueError(f"{path}:{n}: question must be 'cause' or 'effect', not {rec['question']!r}")
+        if rec["label"] not in (0, 1):
+            raise ValueError(f"{path}:{n}: label must be 0 or 1, not {rec['label']!r}")
+        if not all(isinstance(rec[k], str) and rec[k].strip() for k in ("premise", "choice1", "choice2")):
+            raise ValueError(f"{path}:{n}: premise, choice1 and choice2 must be non-empty strings")
+        items.append({**rec, "idx": rec.get("idx", len(items))})
+    if not items:
+        raise ValueError(f"{path}: no PARus items")
+    return items
+
+
+def parus_texts(item: dict, style: str) -> tuple[str, list[str]]:
+    """(context, [continuation 1, continuation 2]); only the continuations are scored.
+    connector: "<premise without its final period> потому что|, поэтому <alternative, first
+               letter lower-cased>"
+    mera:      a MERA-style instruction listing the situation and both alternatives, a question
+               about the cause or effect, then "Ответ: <alternative>" (the same context for both)."""
+    p, q = item["premise"].strip(), item["question"]
+    alts = [item["choice1"].strip(), item["choice2"].strip()]
+    if style == "connector":
+        ctx = (p[:-1] if p.endswith(".") else p) + CONNECTORS[q]
+        return ctx, [" " + a[:1].lower() + a[1:] for a in alts]
+    if style == "mera":
+        ctx = (f"Дано описание ситуации: «{p}» и два фрагмента текста:\n1. {alts[0]}\n2. {alts[1]}\n"
+               f"Какой из двух фрагментов является {RELATION[q]} описанной ситуации?\nОтвет:")
+        return ctx, [" " + a for a in alts]
+    raise ValueError(f"unknown PARus prompt style {style!r}; choose one of {STYLES}")
+
+
+def encode_continuation(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of the context and of the continuation as they fall in the joint text: the
+    joint text is encoded once and split where the context's own encoding ends (SentencePiece
+    splits at whitespace, so that is a token boundary); else they are encoded apart."""
+    ctx, full = list(tokenizer.encode(context)), list(tokenizer.encode(context + continuation))
+    if full[:len(ctx)] == ctx and len(full) > len(ctx):
+        return ctx, full[len(ctx):]
+    return ctx, list(tokenizer.encode(continuation))
+
+
+def score_parus(lm, items: list[dict], tokenizer, style: str) -> pd.DataFrame:
+    """One row per item: log-likelihood (sum and per token) of each alternative, the predictions."""
+    bos, seqs, known, ntok = tokenizer.bos_id(), [], [], []
+    for it in items:
+        context, conts = parus_texts(it, style)
+        for c in conts:
+            ctx_ids, cont_ids = encode_continuation(tokenizer, context, c)
+            seqs.append(np.array([bos] + ctx_ids + cont_ids, np.int64))
+            known.append(1 + len(ctx_ids))  # the mixture may route on the context (not on the answer)
+            ntok.append(len(cont_ids))
+    lps = lm.token_logprobs_many(seqs, known)
+    ll = np.array([lp[k - 1:].sum() for lp, k in zip(lps, known)]).reshape(-1, 2)  # lp[i] scores token i+1
+    nt = np.array(ntok).reshape(-1, 2)
+    df = pd.DataFrame({"idx": [it["idx"] for it in items], "question": [it["question"] for it in items],
+                       "label": [it["label"] for it in items], "ll1": ll[:, 0], "ll2": ll[:, 1],
+                       "ntok1": nt[:, 0], "ntok2": nt[:, 1]})
+    df["pred"] = (ll[:, 1] > ll[:, 0]).astype(int)  # a tie goes to choice1
+    df["pred_norm"] = (ll[:, 1] / nt[:, 1] > ll[:, 0] / nt[:, 0]).astype(int)
+    df["correct"] = (df["pred"] == df["label"]).astype(int)
+    df["correct_norm"] = (df["pred_norm"] == df["label"]).astype(int)
+    return df
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for a proportion k/n (sound at small n and near 0 or 1)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    mid, half = (p + z * z / (2 * n)), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return ((mid - half) / (1 + z * z / n), (mid + half) / (1 + z * z / n))
+
+
+def parus_summary(pred: pd.DataFrame) -> dict:
+    n, k, kn = len(pred), int(pred["correct"].sum()), int(pred["correct_norm"].sum())
+    return {"acc": k / n, "ci": list(wilson(k, n)), "n": n, "acc_norm": kn / n, "ci_norm": list(wilson(kn, n))}
+
+
+# ---------------------------------------------------------------------------------------------
+# generation
+
+
+def generate_texts(models: dict, tokenizer, prompts: dict = PROMPTS, max_new_tokens: int = 60,
+                   temperature: float = 0.8, top_p: float = 0.9, seed: int = 0) -> dict:
+    """{prompt name: {model name: continuation}}; generation stops early at a bos (a new document)."""
+    bos, out = tokenizer.bos_id(), {}
+    for pname, text in prompts.items():
+        prompt = [bos] + list(tokenizer.encode(text))
+        out[pname] = {}
+        for name, lm in models.items():
+            toks = lm.generate(prompt, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop_token=bos)
+            out[pname][name] = tokenizer.decode([t for t in toks if t != bos])
+    return out
+
+
+def generations_markdown(texts: dict, prompts: dict = PROMPTS, params: dict | None = None) -> str:
+    lines = ["# Generated continuations", ""]
+    if params:
+        lines += ["Sampling: " + ", ".join(f"{k}={v}" for k, v in params.items()), ""]
+    for pname, by_model in texts.items():
+        lines += [f"## {pname}", "", f"**Контекст:** {prompts[pname]}", ""]
+        for name, cont in by_model.items():
+            one_line = " ".join(cont.split())  # keep each continuation on one Markdown line
+            lines += [f"- **{name}:** …{one_line}", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+def _load_dense(spec: dict, device):
+    model, meta = load_checkpoint(spec["path"], device=device)
+    lm = SingleLM(model.eval())
+    lm.train_gpu_seconds = (meta.get("accounting") or {}).get("gpu_seconds")
+    return lm
+
+
+def _load_mixture(spec: dict, device):
+    """A mixture over dense checkpoints (spec["experts"]: paths), optionally with a router object;
+    at most k experts are kept loaded (an LRU of checkpoints)."""
+    paths = list(spec["experts"])
+    cfg = MixtureConfig(**{k: spec[k] for k in ("k", "eta", "temperature", "reroute_every") if k in spec})
+    metas = {}
+
+    @lru_cache(maxsize=cfg.k)
+    def load_expert(e):
+        model, metas[e] = load_checkpoint(paths[e], device=device)
+        return model.eval()
+
+    lm = MixtureLM(load_expert, len(paths), router=spec.get("router"), cfg=cfg, base_prior=spec.get("base_prior"))
+    secs = []
+    for e in range(len(paths)):
+        if e not in metas:
+            load_expert(e)
+        secs.append((metas[e].get("accounting") or {}).get("gpu_seconds"))
+    lm.train_gpu_seconds = None if None in secs else float(sum(secs))
+    return lm
+
+
+# kind -> loader(spec, device); gm's trainer registers its own kind ("gm") here.
+LOADERS = {"dense": _load_dense, "mixture": _load_mixture}
+
+
+def load_models(specs: list[dict], device="cpu") -> dict:
+    """{name: model with the gmlib.mixture interface} from specs such as
+       {"name": "dense-30m", "kind": "dense", "path": ".../checkpoint.safetensors"}
+       {"name": "ens-k2", "kind": "mixture", "experts": [paths], "k": 2, "eta": 1.0}
+    Each model carries params_total, params_active and train_gpu_seconds (None if unknown)."""
+    out = {}
+    for spec in specs:
+        kind, name = spec.get("kind", "dense"), spec.get("name")
+        if not name or name in out:
+            raise ValueError(f"model spec {spec}: needs a unique 'name'")
+        if kind not in LOADERS:
+            raise ValueError(f"model spec {name!r}: unknown kind {kind!r}; known: {sorted(LOADERS)}")
+        out[name] = LOADERS[kind](spec, device)
+    return out
+
+
+def metrics_record(quality_df: pd.DataFrame, parus: dict) -> dict:
+    """The machine-readable record: {models: {name: {...}}, parus: {name: {style: {...}}}}."""
+    models, first = {}, quality_df["model"].iloc[0]
+    for r in quality_df.to_dict("records"):
+        models[r["model"]] = {"bpb": r["bpb"], "bpb_ci": [r["bpb_lo"], r["bpb_hi"]], "ppl_token": r["ppl_token"],
+                              "ppl_word": r["ppl_word"], "params_total": int(r["params_total"]),
+                              "params_active": int(r["params_active"]),
+                              "train_gpu_seconds": None if pd.isna(r["train_gpu_seconds"]) else float(r["train_gpu_seconds"]),
+                              "bpb_delta": {"vs": first, "value": r["bpb_delta"], "ci": [r["bpb_delta_lo"], r["bpb_delta_hi"]]}}
+    return {"models": models, "parus": parus}

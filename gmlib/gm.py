@@ -1,0 +1,389 @@
+"""gm's trainer: many ordinary experts, each trained alone on the documents routed to it.
+
+Policy over mechanism: the router decides which documents each expert sees, the store keeps
+every expert's weights and AdamW state on disk / in RAM / on the GPU, the Trainer runs the
+ordinary loop. This module only decides the schedule:
+  1. rank 0 fits the router on (a sample of) the training documents and routes train and val
+     into per-expert shard folders: out_dir/routed/round_000/{train,val}/expert_XXX;
+  2. optionally (BTM) rank 0 trains a short dense seed run on all data and every expert branches
+     from its weights (with fresh AdamW moments); otherwise each expert starts from its own init;
+  3. each rank trains the experts it owns (e % world_size == rank) in long segments of
+     segment_steps, round-robin: switching is rare, and the next expert is prefetched while one
+     trains. An expert's budget is its share of the routed tokens times `tokens` (or `tokens`);
+  4. refinement (optional): the budget is cut into refine_rounds + 1 phases; after a phase every
+     expert scores a fixed sample of training documents with ITS OWN model, the router moves each
+     document to the expert that predicts it best (the prototypes follow), train and val are
+     re-routed and training continues on the new shards;
+  5. a final barrier; rank 0 merges the per-expert records into out_dir/gm.json.
+No tensor passes between experts or ranks: ranks only wait for each other and share small files.
+Resumable per expert: after each segment the expert's state (weights, AdamW, trainer step and
+data position) goes to the store durably, and a rerun takes every expert up where it stopped.
+"""
+import json
+import math
+import os
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import atomic
+from .checkpoint import load_state_tensors, state_tensors
+from .data import TokenShards, WindowSampler
+from .mixture import window_logprobs
+from .model import GPT, GPTConfig, make_config
+from .router import load_router, make_router, route_shards
+from .store import ExpertStore
+from .train import VAL_SEED, Trainer, TrainConfig, make_optimizer, resolve_device
+
+FORMAT = "gm-v1"
+SEED = "seed"  # the store name of the shared BTM seed run
+# fields that define what the experts are: a rerun into the same out_dir must not change them
+IDENTITY = ("n_experts", "router", "router_cfg", "model_size", "model", "seed", "seed_steps", "refine_rounds")
+
+
+@dataclass
+class GMConfig:
+    n_experts: int = 4
+    router: str = "local"           # local | random | kmeans (gmlib.router)
+    router_cfg: dict = field(default_factory=dict)  # RouterConfig overrides, e.g. {"fit_docs": 20000}
+    model_size: str = "tiny"        # gmlib.model preset of every expert; vocabulary from the shards
+    model: dict = field(default_factory=dict)       # GPTConfig overrides (seq_len, activation, ...)
+    budget: str = "share"           # "share": expert e trains tokens * share_e; "fixed": tokens each
+    tokens: int = 1_000_000
+    segment_steps: int = 1000       # steps an expert trains before the next one is swapped in
+    seed_steps: int = 0             # BTM seed run on all data that every expert branches from; 0: none
+    refine_rounds: int = 0          # expert-feedback re-routings during training
+    refine_docs: int = 512          # training documents every expert scores for a refinement
+    gpu_bytes: int | None = None    # store's GPU tier (None: two expert states)
+    ram_bytes: int | None = None    # store's RAM tier (None: this rank's experts + 2, at most half the RAM)
+    device: str = "auto"
+    seed: int = 0
+    train: TrainConfig = field(default_factory=TrainConfig)  # lr, batch, ...: max_steps, max_tokens,
+    #                                 device and seed are set per expert (max_seconds is per expert)
+
+    def __post_init__(self):
+        if isinstance(self.train, dict):
+            self.train = TrainConfig(**self.train)
+        if self.budget not in ("share", "fixed"):
+            raise ValueError(f"GMConfig: budget={self.budget!r}; choose 'share' or 'fixed'")
+        for k in ("n_experts", "tokens", "segment_steps", "refine_docs"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"GMConfig: {k}={getattr(self, k)} must be >= 1")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GMConfig":
+        """From a nested dict (as to_dict) or a flat one where TrainConfig fields sit beside ours."""
+        d, own, tfields = dict(d), {f.name for f in fields(cls)}, {f.name for f in fields(TrainConfig)}
+        train = d.pop("train", {})
+        train = asdict(train) if isinstance(train, TrainConfig) else dict(train)
+        train.update({k: d.pop(k) for k in list(d) if k not in own and k in tfields})
+        if bad := sorted(set(d) - own):
+            raise ValueError(f"unknown gm settings {bad}; known: {sorted(own | tfields)}")
+        return cls(**d, train=TrainConfig(**train))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def expert_name(e: int) -> str:
+    return f"expert_{e:03d}"
+
+
+def _seed(*keys) -> int:
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _state_bytes(mcfg: GPTConfig) -> int:
+    """Upper bound of one expert's store size: fp32 weights + two Adam moments + steps, aligned."""
+    with torch.device("meta"):
+        params = list(GPT(mcfg).parameters())
+    return sum(3 * (-(-4 * p.numel() // 256) * 256) + 256 for p in params)
+
+
+def _round_done(out: Path, r: int) -> bool:
+    return (out / "routed" / f"round_{r:03d}" / "done.json").is_file()
+
+
+def _route(router, data_root: Path, out: Path, r: int, assign=None):
+    """Save the router of round r and route train (and val) with it; done.json is written last."""
+    rd = out / "routed" / f"round_{r:03d}"
+    router.save(out / "router" / f"round_{r:03d}")
+    paths = route_shards(router, TokenShards(data_root / "train"), rd / "train", assign=assign)
+    if (data_root / "val").is_dir():
+        route_shards(router, TokenShards(data_root / "val"), rd / "val")
+    docs = json.loads((rd / "train" / "route.json").read_text())["docs"]
+    atomic.write_json(rd / "done.json", {"docs": docs, "tokens": [TokenShards(p).n_tokens for p in paths]})
+
+
+def _refine_sample(train: TokenShards, n: int, seed: int) -> np.ndarray:
+    return np.sort(np.random.default_rng([seed, 5]).permutation(train.n_docs)[:n])
+
+
+class _Rank:
+    """One rank's machinery: one GPT and one AdamW that every expert it trains borrows in turn."""
+
+    def __init__(self, cfg: GMConfig, mcfg: GPTConfig, out: Path, dev: torch.device, n_own: int, rank: int,
+                 verbose: bool):
+        self.cfg, self.mcfg, self.out, self.rank, self.verbose = cfg, mcfg, out, rank, verbose
+        self.tcfg = replace(cfg.train, device=str(dev))
+        one = _state_bytes(mcfg)
+        phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        self.store = ExpertStore(out / "store", cfg.ram_bytes or max(one, min((n_own + 2) * one, phys // 2)),
+                                 cfg.gpu_bytes or 2 * one, dev)
+        torch.manual_seed(cfg.seed)
+        self.model = GPT(mcfg).to(dev)
+        self.opt = make_optimizer(self.model, self.tcfg, dev)
+        self.steps, self.done = {}, set()  # what is known of each expert without loading it
+
+    def record_path(self, name):
+        return self.out / "experts" / f"{name}.json"
+
+    def segment(self, name, job, target, nxt=None) -> dict:
+        """Load expert `name` (or initialise it), train it toward step `target` for at most
+        segment_steps, and put it back. The last segment stores weights only (the run is over)."""
+        st = self.store
+        tensors, meta = st.get(name) if name in st else (job.init(), {})
+        load_state_tensors(self.model, self.opt, tensors)  # copies: the store's views may now expire
+        del tensors
+        if nxt is not None and nxt in st:
+            st.prefetch(nxt)                               # loads while this expert trains
+        tr = Trainer(self.model, job.tcfg, job.train, job.val, optimizer=self.opt)
+        if meta:
+            tr.load_state_dict(meta["trainer"])
+        elif job.val:
+            meta["val_loss_start"] = tr.evaluate()
+        if not meta.get("done"):
+            before = tr.step
+            acct = tr.run(min(self.cfg.segment_steps, max(0, target - tr.step)), progress=False)
+            meta.update(trainer=tr.state_dict(), accounting=acct, done=tr.done, rank=self.rank, pid=os.getpid())
+            if tr.done:  # run() has just validated the finished expert
+                meta["val_loss"] = tr.history["val_loss"][-1] if job.val else None
+            if tr.step > before or tr.done:
+                st.put(name, state_tensors(self.model, self.opt), meta, durable=True, keep_optimizer=not tr.done)
+            if self.verbose:
+                h = tr.history
+                print(f"  {name}: step {tr.step}/{tr.max_steps} loss {h['loss'][-1] if h['loss'] else float('nan'):.3f}"
+                      + (f" val {meta['val_loss']:.3f}" if meta.get("val_loss") is not None else ""), flush=True)
+        self.steps[name] = meta["trainer"]["step"]
+        if meta["done"]:
+            self.done.add(name)
+            if not self.record_path(name).is_file():
+                st.flush()  # the record claims what is on disk: write it only after the store has
+                atomic.write_json(self.record_path(name), {"name": name, **meta})
+        return meta
+
+    def phase(self, jobs: dict, targets: dict):
+        """Round-robin segments until every expert reaches its target (or its budget)."""
+        self.done |= {n for n in jobs if self.record_path(n).is_file()}  # finished in an earlier run
+        todo = [n for n in jobs if n not in self.done and self.steps.get(n, -1) < targets[n]]
+        while todo:
+            for i, n in enumerate(todo):
+                self.segment(n, jobs[n], targets[n], todo[(i + 1) % len(todo)] if len(todo) > 1 else None)
+            todo = [n for n in todo if n not in self.done and self.steps[n] < targets[n]]
+
+    def loss_column(self, name, docs, path: Path):
+        """Expert `name`'s own mean loss (nats/token) on each refinement document."""
+        tensors, _ = self.store.get(name)
+        load_state_tensors(self.model, None, {k: v for k, v in tensors.items() if k.startswith("model.")})
+        lps = window_logprobs(self.model.eval(), docs)
+        col = np.array([-lp.mean() if len(lp) else 0.0 for lp in lps])
+        with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, col)
+
+
+def _job(rank: _Rank, train: TokenShards, val: TokenShards | None, max_steps: int, data_seed: int, init):
+    T, bs = rank.mcfg.seq_len, rank.tcfg.batch_size
+    try:  # an expert whose val shard is too small for one window gets no val loss
+        vs = WindowSampler(val, T, bs, seed=VAL_SEED) if val is not None else None
+    except ValueError:
+        vs = None
+    return SimpleNamespace(tcfg=replace(rank.tcfg, max_steps=max(1, max_steps), max_tokens=None, seed=data_seed),
+                           train=WindowSampler(train, T, bs, seed=data_seed), val=vs, init=init)
+
+
+def _fresh(mcfg, seed):
+    torch.manual_seed(seed)
+    return {f"model.{k}": v for k, v in GPT(mcfg).state_dict().items()}
+
+
+def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int = 1, verbose: bool = False) -> dict:
+    """Train (or continue) the gm in out_dir on data_root/{train,val}; returns gm.json's content
+    on rank 0 and this rank's record elsewhere. With world_size > 1 run under torch.distributed."""
+    data_root, out = Path(data_root), Path(out_dir)
+    if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("train_gm: world_size > 1 needs torch.distributed; launch scripts/train_gm.py with torchrun")
+    train_all = TokenShards(data_root / "train")
+    val_all = TokenShards(data_root / "val") if (data_root / "val").is_dir() else None
+    mcfg = make_config(cfg.model_size, vocab_size=train_all.vocab_size, **cfg.model)
+    dev = resolve_device(cfg.device)
+    if dev.type == "cuda" and world_size > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+    own = [e for e in range(cfg.n_experts) if e % world_size == rank]
+    if rank == 0:
+        prev = out / "config.json"
+        if prev.is_file():
+            old = json.loads(prev.read_text())["config"]
+            if changed := [k for k in IDENTITY if old.get(k) != cfg.to_dict()[k]]:
+                raise ValueError(f"{prev}: this gm was made with other {changed}; use a new out_dir")
+        atomic.write_json(prev, {"config": cfg.to_dict(), "model_config": asdict(mcfg)})
+        if not _round_done(out, 0):
+            router = make_router(cfg.router, cfg.n_experts, train_all.vocab_size, **{"seed": cfg.seed, **cfg.router_cfg})
+            _route(router.fit(train_all), data_root, out, 0)
+    _barrier()
+    t0 = time.perf_counter()
+    rk = _Rank(cfg, mcfg, out, dev, len(own), rank, verbose)
+    seed_acct = None
+    if cfg.seed_steps:
+        if rank == 0:
+            rk.phase({SEED: _job(rk, train_all, val_all, cfg.seed_steps, _seed(cfg.seed, 4),
+                                 lambda: _fresh(mcfg, _seed(cfg.seed, 3)))}, {SEED: cfg.seed_steps})
+        _barrier()
+        seed_meta = json.loads(rk.record_path(SEED).read_text())
+        seed_acct = seed_meta["accounting"]
+        seed_tensors = {k: v for k, v in rk.store.read(SEED)[0].items() if k.startswith("model.")}
+    routed0 = json.loads((out / "routed" / "round_000" / "done.json").read_text())
+    shares = np.array(routed0["tokens"], np.float64) / max(1, sum(routed0["tokens"]))
+    tok_step = cfg.train.batch_size * cfg.train.grad_accum * mcfg.seq_len
+    budget = [cfg.tokens * (s if cfg.budget == "share" else 1.0) for s in shares]
+    max_steps = [max(1, round(b / tok_step)) for b in budget]
+    phases = cfg.refine_rounds + 1
+    sample_idx = _refine_sample(train_all, cfg.refine_docs, cfg.seed) if cfg.refine_rounds else None
+    for p in range(phases):
+        r = max(q for q in range(p + 1) if _round_done(out, q))
+        rd = out / "routed" / f"round_{r:03d}"
+        jobs = {}
+        for e in own:
+            init = (lambda: dict(seed_tensors)) if cfg.seed_steps else (lambda e=e: _fresh(mcfg, _seed(cfg.seed, 1, e)))
+            val = TokenShards(rd / "val" / expert_name(e)) if (rd / "val").is_dir() else None
+            jobs[expert_name(e)] = _job(rk, TokenShards(rd / "train" / expert_name(e)), val, max_steps[e],
+                                        _seed(cfg.seed, 2, e), init)
+        rk.phase(jobs, {expert_name(e): math.ceil(max_steps[e] * (p + 1) / phases) for e in own})
+        if p == phases - 1:
+            break
+        loss_dir = out / "refine" / f"round_{p + 1:03d}"
+        loss_dir.mkdir(parents=True, exist_ok=True)
+        docs = [train_all.doc(i) for i in sample_idx]
+        for e in own:
+            if not (loss_dir / f"{expert_name(e)}.npy").is_file():
+                rk.loss_column(expert_name(e), docs, loss_dir / f"{expert_name(e)}.npy")
+        _barrier()
+        if rank == 0 and not _round_done(out, p + 1):
+            router = load_router(out / "router" / f"round_{r:03d}")
+            losses = np.stack([np.load(loss_dir / f"{expert_name(e)}.npy") for e in range(cfg.n_experts)], axis=1)
+            moved = router.refine(docs, losses)
+            full = router.assign(train_all)
+            full[sample_idx] = moved
+            _route(router, data_root, out, p + 1, assign=full)
+        _barrier()
+    rk.store.flush()
+    wall = time.perf_counter() - t0
+    mine = {"rank": rank, "world_size": world_size, "experts": [expert_name(e) for e in own], "device": str(dev),
+            "wall_s": wall, "store": rk.store.summary()}
+    rk.store.close()
+    atomic.write_json(out / "ranks" / f"rank_{rank:03d}.json", mine)
+    _barrier()
+    if rank != 0:
+        return mine
+    summary = summarize(cfg, mcfg, out, world_size, shares, budget, max_steps, seed_acct)
+    atomic.write_json(out / "gm.json", summary)
+    return summary
+
+
+ADDITIVE = ("step", "tokens", "gpu_seconds", "eval_seconds", "flops_6nd", "flops")
+
+
+def summarize(cfg, mcfg, out: Path, world_size, shares, budget, max_steps, seed_acct) -> dict:
+    """gm.json: config, experts with their shares, steps and val losses, and compute summed over
+    experts (and the seed run) in the dense trainer's terms, plus the store's swap accounting."""
+    final = max(r for r in range(cfg.refine_rounds + 1) if _round_done(out, r))
+    routed = json.loads((out / "routed" / f"round_{final:03d}" / "done.json").read_text())
+    records = []
+    for e in range(cfg.n_experts):
+        m = json.loads((out / "experts" / f"{expert_name(e)}.json").read_text())
+        records.append({"name": expert_name(e), "expert": e, "rank": m["rank"], "pid": m["pid"], "share": float(shares[e]),
+                        "budget_tokens": int(budget[e]), "max_steps": max_steps[e], "steps": m["trainer"]["step"],
+                        "docs_final": routed["docs"][e], "val_loss_start": m.get("val_loss_start"),
+                        "val_loss": m.get("val_loss"), "accounting": m["accounting"], "history": m["trainer"]["history"]})
+    accts = [r["accounting"] for r in records] + ([seed_acct] if seed_acct else [])
+    acct = {k: sum(a[k] for a in accts) for k in ADDITIVE}
+    acct.update(params=cfg.n_experts * mcfg.n_params, params_per_expert=mcfg.n_params, params_active=mcfg.n_params,
+                flops_per_token=mcfg.flops_per_token(), tokens_per_s=acct["tokens"] / acct["gpu_seconds"] if acct["gpu_seconds"] else 0.0,
+                device=accts[0]["device"], seed_run=seed_acct)
+    ranks = [json.loads((out / "ranks" / f"rank_{r:03d}.json").read_text()) for r in range(world_size)]
+    moved = lambda s: s["bytes_to_dev"] + s["bytes_to_ram"] + s["bytes_to_disk"] + s["bytes_from_disk"]  # noqa: E731
+    swap = {"bytes_moved": sum(moved(r["store"]) for r in ranks), "copy_s": sum(r["store"]["copy_s"] for r in ranks),
+            "wait_s": sum(r["store"]["wait_s"] for r in ranks), "wall_s": max(r["wall_s"] for r in ranks)}
+    swap["wait_frac"] = max(r["store"]["wait_s"] / r["wall_s"] if r["wall_s"] else 0.0 for r in ranks)
+    return {"format": FORMAT, "config": cfg.to_dict(), "model_config": asdict(mcfg), "router": cfg.router,
+            "router_path": f"router/round_{final:03d}", "n_experts": cfg.n_experts,
+            "experts": [r["name"] for r in records], "world_size": world_size, "shares": [float(s) for s in shares],
+            "val_loss": [r["val_loss"] for r in records], "records": records, "accounting": acct,
+            "swap": swap, "ranks": ranks}
+
+
+# ---------------------------------------------------------------- the evaluation side
+
+def load_gm(out_dir, device="cpu", gpu_bytes: int | None = None, ram_bytes: int | None = None, pool: int = 2):
+    """(router, load_expert, info) for gmlib.mixture. load_expert(e) returns expert e as a GPT in
+    eval mode; the weights come through the store's tiers (GPU LRU of gpu_bytes, RAM LRU of
+    ram_bytes, disk) into a pool of `pool` GPT modules, the least recently used one reused:
+    use pool >= k when generating with a top-k mixture, since the k experts are used together."""
+    out = Path(out_dir)
+    if not (out / "gm.json").is_file():
+        raise FileNotFoundError(f"{out}: no gm.json, so not a finished gm (run train_gm)")
+    info = json.loads((out / "gm.json").read_text())
+    router = load_router(out / info["router_path"])
+    mcfg, device = GPTConfig(**info["model_config"]), torch.device(device)
+    one = _state_bytes(mcfg) // 3 + 256  # weights only, the way finished experts are stored
+    store = ExpertStore(out / "store", ram_bytes or 4 * one, gpu_bytes or 2 * one, device)
+    models = OrderedDict()
+
+    def load_expert(e: int) -> GPT:
+        if e in models:
+            models.move_to_end(e)
+            return models[e]
+        m = models.popitem(last=False)[1] if len(models) >= pool else GPT(mcfg).to(device)
+        tensors, _ = store.get(info["experts"][e])
+        load_state_tensors(m, None, {k: v for k, v in tensors.items() if k.startswith("model.")})
+        models[e] = m.eval()
+        return models[e]
+
+    info.update(store=store, params_per_expert=mcfg.n_params)
+    return router, load_expert, info
+
+
+def mixture_loader(gm_root):
+    """A gmlib.evaluate loader for specs {"kind": "gm", "run": <name under gm_root>, "k", "eta", ...}:
+    evaluate.LOADERS["gm"] = gm.mixture_loader(work_dir(run_name) / "gm")."""
+    def load(spec: dict, device):
+        from .mixture import MixtureConfig, MixtureLM
+        mc = MixtureConfig(**{k: spec[k] for k in ("k", "eta", "temperature", "reroute_every") if k in spec})
+        router, load_expert, info = load_gm(Path(gm_root) / spec["run"], device, pool=max(2, mc.k))
+        lm = MixtureLM(load_expert, info["n_experts"], router, mc, base_prior=info["shares"],
+                       expert_n_params=info["params_per_expert"])
+        lm.train_gpu_seconds = info["accounting"]["gpu_seconds"]
+        return lm
+    return load
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world_size) from torchrun's environment; a gloo group when world_size > 1. Gloo
+    even on GPUs: ranks only wait at barriers (no tensors cross), and gloo's wait needs no GPU
+    and tolerates ranks that finish their experts hours apart (the timeout below)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(days=7))
+    return rank, world

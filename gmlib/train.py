@@ -1,0 +1,316 @@
+"""Training one model: the loop every dense baseline and every gm expert goes through.
+
+bf16 autocast on CUDA (fp32 on CPU), fused AdamW with weight decay on 2-D weights only,
+linear warmup times a cosine decay, gradient clipping and accumulation, optional
+torch.compile, periodic validation, compute accounting and atomic checkpoints.
+
+Resumable by construction: the WindowSampler's batch k depends only on (seed, k), so the
+whole data state is the position counter `data_pos`, and a resumed run sees exactly the
+batches an uninterrupted one would have seen.
+
+The multi-expert trainer drives a Trainer one expert at a time: build it around an existing
+model and optimizer, `run(n)` steps, and move the state out and in with `state_dict()` /
+`load_state_dict()` (JSON-able: step, data position, accounting, history) plus
+checkpoint.state_tensors() / load_state_tensors() for the tensors. No files involved.
+"""
+import base64
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import checkpoint
+from .data import TokenShards, WindowSampler
+from .model import GPT, GPTConfig
+
+VAL_SEED = 12345  # validation batches are the same whatever the training seed
+
+
+@dataclass
+class TrainConfig:
+    # budget: the cosine ends, and training stops, at whichever of these runs out first
+    max_steps: int = 300
+    max_tokens: int | None = None
+    max_seconds: float | None = None   # device wall time of the training loop (compile included; eval, checkpoints not)
+    batch_size: int = 16               # sequences per micro-batch
+    grad_accum: int = 1                # micro-batches per optimizer step
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 1.0             # max global gradient norm; 0 disables
+    eval_every: int = 100              # validation every N steps and when the budget ends (0: at the end only)
+    eval_batches: int = 10
+    log_every: int = 10                # loss history points and progress updates (the only host syncs)
+    ckpt_every: int = 0                # checkpoint every N steps (and at the end) when a path is set; 0: end only
+    compile: bool = False
+    compile_mode: str | None = None    # None (default) or e.g. "max-autotune-no-cudagraphs"
+    device: str = "auto"               # "auto": cuda if available, else cpu
+    seed: int = 0                      # model init (setup()) and training data order
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)  # YAML gives a list
+        for k in ("max_steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"TrainConfig: {k}={getattr(self, k)} must be >= 1")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"TrainConfig: need 0 <= min_lr ({self.min_lr}) <= lr ({self.lr})")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device) -> torch.optim.AdamW:
+    """AdamW; decay only matrices (weights, embedding), not norm gains. Fused kernel on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=torch.device(device).type == "cuda")
+
+
+def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
+    """Linear warmup over the first warmup_steps, times a cosine from lr to min_lr over the budget
+    (progress 0..1: the largest spent fraction of steps, tokens or seconds)."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    return warm * (cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+class Trainer:
+    def __init__(self, model: GPT, cfg: TrainConfig, train: WindowSampler, val: WindowSampler | None = None,
+                 optimizer: torch.optim.Optimizer | None = None, ckpt_path=None):
+        check_data(model.cfg, train, cfg)
+        self.cfg, self.train_data, self.val_data = cfg, train, val
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # any fp32 matmul left outside autocast
+            torch.backends.cudnn.allow_tf32 = True
+        self.model = model.to(self.device)
+        self.optimizer = optimizer or make_optimizer(self.model, cfg, self.device)
+        self.forward = torch.compile(self.model, mode=cfg.compile_mode) if cfg.compile else self.model
+        self.ckpt_path = Path(ckpt_path) if ckpt_path else None
+        self.tokens_per_step = train.batch_size * train.seq_len * cfg.grad_accum
+        self.max_steps = cfg.max_steps
+        if cfg.max_tokens:
+            self.max_steps = min(self.max_steps, math.ceil(cfg.max_tokens / self.tokens_per_step))
+        self.step, self.data_pos, self._t = 0, 0, None  # _t: start of the timed stretch while run() runs
+        self.acct = {"tokens": 0, "seconds": 0.0, "eval_seconds": 0.0}
+        self.history = {k: [] for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "val_step", "val_loss")}
+
+    # ---- state without files (the multi-expert trainer swaps these) ----
+    def state_dict(self) -> dict:
+        return {"step": self.step, "data_pos": self.data_pos, "acct": dict(self.acct),
+                "history": {k: list(v) for k, v in self.history.items()}}
+
+    def load_state_dict(self, state: dict):
+        self.step, self.data_pos = state["step"], state["data_pos"]
+        self.acct = dict(state["acct"])
+        self.history = {k: list(v) for k, v in state["history"].items()}
+
+    # ---- budget and schedule ----
+    def seconds(self) -> float:
+        """Training seconds so far, including the current stretch (unsynchronised: an estimate)."""
+        return self.acct["seconds"] + (time.perf_counter() - self._t if self._t is not None else 0.0)
+
+    def progress(self) -> float:
+        p = self.step / self.max_steps
+        return max(p, self.seconds() / self.cfg.max_seconds) if self.cfg.max_seconds else p
+
+    @property
+    def done(self) -> bool:
+        return self.progress() >= 1.0
+
+    # ---- the loop ----
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+
+    def _batch(self, sampler: WindowSampler, i: int):
+        xy = torch.from_numpy(np.stack(sampler.batch(i)))  # one host-to-device copy for inputs and targets
+        if self.device.type == "cuda":
+            xy = xy.pin_memory().to(self.device, non_blocking=True)
+        return xy[0], xy[1]
+
+    def _train_step(self):
+        lr = lr_at(self.cfg, self.step, self.progress())
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        total = 0.0
+        for _ in range(self.cfg.grad_accum):
+            x, y = self._batch(self.train_data, self.data_pos)
+            self.data_pos += 1
+            with self._autocast():
+                _, loss = self.forward(x, y, return_logits=False)
+            (loss / self.cfg.grad_accum).backward()
+            total = total + loss.detach()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.acct["tokens"] += self.tokens_per_step
+        return total / self.cfg.grad_accum, norm, lr
+
+    def _sync_time(self):
+        """Close the current timed stretch (synchronising the device so the time is real)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.acct["seconds"] += now - self._t
+        self._t = now
+
+    def run(self, steps: int | None = None, progress: bool = True, callback=None) -> dict:
+        """Train `steps` more optimizer steps (default: until the budget is spent), logging every
+        log_every steps (then callback(self) is called, e.g. to redraw a plot), validating every
+        eval_every steps and when the budget ends, checkpointing every ckpt_every steps and at
+        the end. Returns accounting()."""
+        cfg = self.cfg
+        end = self.max_steps if steps is None else min(self.step + steps, self.max_steps)
+        bar = tqdm(total=self.max_steps, initial=self.step, disable=not progress, unit="step", mininterval=1.0)
+        self.model.train()
+        last = self.step >= end or self.done
+        pending, t_log, tok_log, self._t = [], self.acct["seconds"], self.acct["tokens"], time.perf_counter()
+        while not last:
+            pending.append(self._train_step())
+            finished = self.done  # the whole budget, not just this call's steps
+            last = self.step >= end or finished
+            if self.step % cfg.log_every == 0 or last:
+                self._sync_time()
+                self._log(pending, (self.acct["tokens"] - tok_log) / max(self.acct["seconds"] - t_log, 1e-9), bar)
+                pending, t_log, tok_log = [], self.acct["seconds"], self.acct["tokens"]
+                if callback:
+                    callback(self)
+                    self._t = time.perf_counter()  # plotting is not training time
+            if self.val_data is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or finished):
+                self._sync_time()
+                self.history["val_step"].append(self.step)
+                self.history["val_loss"].append(self.evaluate())
+                bar.set_postfix(loss=f"{self.history['loss'][-1]:.3f}", val=f"{self.history['val_loss'][-1]:.3f}")
+                self._t = time.perf_counter()
+            if self.ckpt_path and ((cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last):
+                self._sync_time()
+                self.save(self.ckpt_path)
+                self._t = time.perf_counter()
+        self._sync_time()
+        self._t = None
+        bar.close()
+        return self.accounting()
+
+    def _log(self, pending, tokens_per_s, bar):
+        losses, norms, lrs = zip(*pending)
+        losses = torch.stack(list(losses)).float().tolist()  # the host sync of this interval
+        norms = torch.stack(list(norms)).float().tolist()
+        loss = sum(losses) / len(losses)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss} at step {self.step} (lr {lrs[-1]:.2e}): diverged")
+        for k, v in (("step", self.step), ("loss", loss), ("lr", lrs[-1]), ("grad_norm", max(norms)),
+                     ("tokens_per_s", tokens_per_s)):
+            self.history[k].append(v)
+        bar.update(self.step - bar.n)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+
+    @torch.no_grad()
+    def evaluate(self, batches: int | None = None, sampler: WindowSampler | None = None) -> float:
+        """Mean loss over the first `batches` batches of the validation sampler: the same batches
+        every time, so successive values are comparable. Eager (the compiled graph is for training)."""
+        sampler = sampler or self.val_data
+        if sampler is None:
+            raise ValueError("Trainer.evaluate: no validation sampler")
+        t0, was_training = time.perf_counter(), self.model.training
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        n = batches or self.cfg.eval_batches
+        for i in range(n):
+            x, y = self._batch(sampler, i)
+            with self._autocast():
+                total += self.model(x, y, return_logits=False)[1].float()
+        self.model.train(was_training)
+        loss = total.item() / n
+        self.acct["eval_seconds"] += time.perf_counter() - t0
+        return loss
+
+    # ---- accounting and checkpoints ----
+    def accounting(self) -> dict:
+        """Compute spent so far: the numbers that make runs compute-matched. `gpu_seconds` is the
+        device wall time of training (compile included, evaluation and checkpoints excluded);
+        flops_6nd uses N = all parameters (tied embedding once); flops uses flops_per_token
+        (6N + attention 12·L·d·T, PaLM)."""
+        n, tokens, secs = self.model.cfg.n_params, self.acct["tokens"], self.acct["seconds"]
+        return {"step": self.step, "tokens": tokens, "gpu_seconds": round(secs, 3),
+                "eval_seconds": round(self.acct["eval_seconds"], 3), "params": n,
+                "flops_6nd": 6 * n * tokens, "flops": self.model.cfg.flops_per_token(self.train_data.seq_len) * tokens,
+                "tokens_per_s": tokens / secs if secs else 0.0, "device": str(self.device)}
+
+    def save(self, path):
+        rng = {"torch": _b64(torch.get_rng_state())}
+        if self.device.type == "cuda":
+            rng["cuda"] = _b64(torch.cuda.get_rng_state(self.device))
+        meta = {**self.state_dict(), "accounting": self.accounting(), "train_config": asdict(self.cfg), "rng": rng}
+        return checkpoint.save_checkpoint(path, self.model, self.optimizer, meta)
+
+    def resume(self, path) -> dict:
+        """Continue from a checkpoint written by save(): weights, optimizer, step, data position,
+        accounting, history, RNG. The train config is this Trainer's (so a budget can be extended)."""
+        _, meta = checkpoint.load_checkpoint(path, self.model, self.optimizer, device=self.device)
+        self.load_state_dict(meta)
+        torch.set_rng_state(_unb64(meta["rng"]["torch"]))
+        if self.device.type == "cuda" and "cuda" in meta["rng"]:
+            torch.cuda.set_rng_state(_unb64(meta["rng"]["cuda"]), self.device)
+        return meta
+
+
+def check_data(model_cfg: GPTConfig, sampler: WindowSampler, cfg: TrainConfig | None = None):
+    """Clear errors for a model that cannot train on these shards."""
+    shards = sampler.shards
+    if shards.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"{shards.root}: tokens come from a vocabulary of {shards.vocab_size}, but the model's "
+                         f"vocab_size is {model_cfg.vocab_size}; set vocab_size >= {shards.vocab_size}")
+    if sampler.seq_len > model_cfg.seq_len:
+        raise ValueError(f"sampler windows of {sampler.seq_len} tokens exceed the model's seq_len {model_cfg.seq_len}")
+    if cfg is not None and sampler.batch_size != cfg.batch_size:
+        raise ValueError(f"sampler batch size {sampler.batch_size} != TrainConfig.batch_size {cfg.batch_size}")
+
+
+def setup(model_cfg: GPTConfig, cfg: TrainConfig, shards_dir, ckpt_path=None, resume: bool = True) -> Trainer:
+    """A Trainer for a fresh model (seeded by cfg.seed) on shards_dir/{train,val}; resumes from
+    ckpt_path when that file exists and resume is set."""
+    shards_dir = Path(shards_dir)
+    train = TokenShards(shards_dir / "train")
+    val = TokenShards(shards_dir / "val") if (shards_dir / "val").is_dir() else None
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_cfg)
+    T = model_cfg.seq_len
+    tr = Trainer(model, cfg, WindowSampler(train, T, cfg.batch_size, seed=cfg.seed),
+                 WindowSampler(val, T, cfg.batch_size, seed=VAL_SEED) if val else None, ckpt_path=ckpt_path)
+    if resume and ckpt_path and Path(ckpt_path).is_file():
+        tr.resume(ckpt_path)
+    return tr
+
+
+def plot_history(history: dict, ax=None):
+    """Training loss (per log interval) and validation loss against step, on `ax` (or a new figure)."""
+    import matplotlib.pyplot as plt
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(history["step"], history["loss"], label="train")
+    if history["val_step"]:
+        ax.plot(history["val_step"], history["val_loss"], "o-", label="validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return ax.figure
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
