@@ -114,6 +114,7 @@ def measure(name: str, shard_dir: str, seconds: float) -> dict:
     return {
         "config": v["config"], "variant": name, "params": cfg.n_params, "seq_len": cfg.seq_len, "batch": v["batch"],
         "tokens_per_s": round(tps, 1), "mfu": round(tps * fpt / PEAK_FLOPS, 4) if cuda else None,
+        "achieved_tflops": round(tps * fpt / 1e12, 4),
         "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
         "device": device_name(), "torch": torch.__version__, "commit": git_commit(),
         "step_ms": round(1000 * dt / n, 2), "steps_timed": n, "compile_s": round(compile_s, 1),
@@ -170,6 +171,10 @@ def main(argv=None):
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         sys.exit(f"unknown variant(s) {unknown}; see --list")
+    import torch
+    from gmlib.runlog import device_name
+    print(f"train_speed: {device_name()}, torch {torch.__version__}, variants {names}, budget {args.budget_s:.0f} s",
+          flush=True)
     t_start = time.time()
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,6 +10,7 @@ audit.json:
                   and near_dup; dedup bytes are cleaned bytes)
   splits.<split>: docs and bytes after mixing (training copies counted), tokens filled by 02
   tokens.<split>: tokens in the shards ([bos] per document included), from 02
+  wall_seconds:   per stage, as recorded when the stage ran (this_run_seconds: this invocation)
   throughput_mb_s_per_core: cleaning (raw MB per CPU-second in the workers: normalise, strip,
                   rules, MinHash) and tokenization (MB of cleaned text per CPU-second of encoding)
   examples.<rule>: a few removed documents (their cleaned text, cut to 300 characters)
@@ -56,7 +57,9 @@ def build(prep: dict, data_name: str, params: dict | None = None) -> dict:
         cpu += f["cpu_seconds"]
         raw_in += f["bytes_in"]
     for r, ex in sp["dedup_examples"].items():
-        examples[r] = [{"source": "", "text": t} for t in ex]
+        # both lists hold the first removals of each rule in corpus order, so they line up
+        examples[r] = [{"source": p["removed"][0], "duplicate_of": p["kept"], "text": t}
+                       for p, t in zip(dd["pairs"][r], ex)]
     totals = {k: sum(v[k] for v in srcs.values()) for k in ("docs_in", "docs_out", "bytes_in", "bytes_out")}
     splits = {x: {"docs": sum(c["docs"] for c in sp["counts"][x].values()),
                   "bytes": sum(c["bytes"] for c in sp["counts"][x].values())} for x in SPLITS}
@@ -64,7 +67,11 @@ def build(prep: dict, data_name: str, params: dict | None = None) -> dict:
             "splits": splits, "splits_by_source": {x: sp["counts"][x] for x in SPLITS},
             "weights": sp["weights"], "tokens": {},
             "throughput_mb_s_per_core": {"cleaning": round(raw_in / 1e6 / cpu, 3) if cpu else None, "tokenization": None},
-            "wall_seconds": dict(prep["wall_seconds"]), "examples": examples}
+            # how long each stage took when it actually ran (a rerun that reuses it does not reset this)
+            "wall_seconds": {"filter": round(sum(filtered[s]["seconds"] for s in sp["sources"]), 2),
+                             "dedup": dd.get("seconds", prep["wall_seconds"]["dedup"]),
+                             "split": sp.get("seconds", prep["wall_seconds"]["split"])},
+            "this_run_seconds": dict(prep["wall_seconds"]), "examples": examples}
 
 
 def save(audit: dict, path) -> Path:

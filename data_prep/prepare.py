@@ -208,6 +208,7 @@ def split_all(cfg: DataConfig, filtered: dict, dd: dict, clean_dir: Path) -> dic
     if (meta := stages.done(marker, phash)) is not None:
         return meta
     marker.unlink(missing_ok=True)
+    t0 = time.time()
     counts = {sp: {} for sp in split.SPLITS}
     dup_examples = {r: [] for r in DEDUP_RULES}
     for s in cfg.sources:
@@ -242,7 +243,8 @@ def split_all(cfg: DataConfig, filtered: dict, dd: dict, clean_dir: Path) -> dic
             counts[sp][s] = c[sp]
         counts.setdefault("dedup_bytes", {})[s] = c["dedup_bytes"]
     meta = {"sources": list(cfg.sources), "weights": {s: cfg.weights.get(s, 1.0) for s in cfg.sources},
-            "val_frac": cfg.val_frac, "test_frac": cfg.test_frac, "counts": counts, "dedup_examples": dup_examples}
+            "val_frac": cfg.val_frac, "test_frac": cfg.test_frac, "counts": counts, "dedup_examples": dup_examples,
+            "seconds": round(time.time() - t0, 2)}
     return stages.finish(marker, phash, meta)
 
 

@@ -106,10 +106,11 @@ def _barrier():
 
 
 def _state_bytes(mcfg: GPTConfig) -> int:
-    """Upper bound of one expert's store size: fp32 weights + two Adam moments + steps, aligned."""
-    with torch.device("meta"):
-        params = list(GPT(mcfg).parameters())
-    return sum(3 * (-(-4 * p.numel() // 256) * 256) + 256 for p in params)
+    """Upper bound of one expert's store size: fp32 weights + two Adam moments + steps, each
+    tensor aligned as the store lays it out (shapes as gmlib.model builds them)."""
+    d, h = mcfg.n_embd, mcfg.mlp_ratio * mcfg.n_embd
+    sizes = [mcfg.vocab_size * d, d] + mcfg.n_layer * [d, 3 * d * d, d * d, d, h * d, d * h]
+    return sum(3 * (-(-4 * n // 256) * 256) + 256 for n in sizes)
 
 
 def _round_done(out: Path, r: int) -> bool:
@@ -197,7 +198,8 @@ class _Rank:
         """Expert `name`'s own mean loss (nats/token) on each refinement document."""
         tensors, _ = self.store.get(name)
         load_state_tensors(self.model, None, {k: v for k, v in tensors.items() if k.startswith("model.")})
-        lps = window_logprobs(self.model.eval(), docs)
+        T = self.mcfg.seq_len  # a document's first 4 contexts, windows without overlap: enough to rank experts
+        lps = window_logprobs(self.model.eval(), [d[:4 * T] for d in docs], stride=T)
         col = np.array([-lp.mean() if len(lp) else 0.0 for lp in lps])
         with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.save(f, col)

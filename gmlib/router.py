@@ -54,6 +54,7 @@ class RouterConfig:
     wta_k: int = 512               # active units kept per document (~ its 32 strongest terms)
     # competitive Hebbian rule (local)
     epochs: int = 3
+    min_rounds: int = 500          # at least this many competition rounds (more epochs on small data)
     lr: float = 0.001              # floor of the per-expert rate max(lr, 1 / wins)
     balance_rate: float = 0.01     # homeostatic threshold step per unit of share error
     hebb_batch: int = 64           # winners are picked for this many docs at once
@@ -62,6 +63,16 @@ class RouterConfig:
     # assignment: each expert takes at most (1 + slack) / E of the documents or tokens
     balance: str = "tokens"        # tokens | docs: what an expert's share counts
     slack: float = 0.05
+
+    def __post_init__(self):
+        if self.kind not in ("local", "random", "kmeans"):
+            raise ValueError(f"unknown router kind {self.kind!r}; expected local, random or kmeans")
+        if self.balance not in ("tokens", "docs"):
+            raise ValueError(f"balance must be 'tokens' or 'docs', got {self.balance!r}")
+        if self.n_experts < 1:
+            raise ValueError(f"n_experts must be >= 1, got {self.n_experts}")
+        if not 0 < self.wta_k <= self.n_units:
+            raise ValueError(f"wta_k must be in [1, n_units={self.n_units}], got {self.wta_k}")
 
 
 # ---------------------------------------------------------------- documents and features
@@ -237,7 +248,9 @@ class Router:
         raise NotImplementedError
 
     def assign(self, docs, slack: float | None = None) -> np.ndarray:
-        """(n_docs,) expert per document, at most ceil(n / E * (1 + slack)) each (slack=inf: no cap)."""
+        """(n_docs,) expert per document for training: no expert's load (tokens or documents,
+        cfg.balance) passes (1 + slack) / E of the total by more than one document; slack=inf
+        gives the router's own argmax."""
         return balanced_assign(self._assign_scores(docs), self.cfg.slack if slack is None else slack, self._weights(docs))
 
     def _weights(self, docs):
@@ -274,6 +287,7 @@ class Router:
     def save(self, path):
         """A folder with state.npz and router.json (written last: a folder without it is incomplete)."""
         path = Path(path)
+        (path / "router.json").unlink(missing_ok=True)  # an overwrite is not complete until the end
         with atomic.atomic_path(path / "state.npz") as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, **self.state())
@@ -370,7 +384,7 @@ class KMeansRouter(Router):
             if labels is not None and np.array_equal(new, labels):
                 break
             labels = new
-            self.centres = _mean_rows(X, labels, E, self.cfg.n_features, self.centres)
+            self.centres = _normalise(_cluster_sums(X, labels, E, self.cfg.n_features), self.centres)
         return self
 
     def scores(self, docs):
@@ -379,8 +393,11 @@ class KMeansRouter(Router):
                               or [np.zeros((0, self.n_experts), np.float32)])
 
     def _follow(self, docs, labels):
-        self.centres = _mean_rows(self._csr(docs, np.arange(len(labels))), labels, self.n_experts,
-                                  self.cfg.n_features, self.centres)
+        if len(labels) == 0:
+            return
+        sums = sum(_cluster_sums(self._csr(docs, b), labels[b], self.n_experts, self.cfg.n_features)
+                   for b in _batches(len(labels), self.cfg.batch_docs))
+        self.centres = _normalise(sums, self.centres)
 
 
 def _row_dense(X, i, d):
@@ -390,13 +407,15 @@ def _row_dense(X, i, d):
     return out
 
 
-def _mean_rows(X, labels, E, d, old):
-    """L2-normalised sum of each cluster's rows; an empty cluster keeps its old centre."""
+def _cluster_sums(X, labels, E, d):
     indptr, j, x = X
-    rows = np.repeat(labels, np.diff(indptr))
-    C = np.bincount(rows * d + j, x, minlength=E * d).reshape(E, d).astype(np.float32)
+    return np.bincount(np.repeat(labels, np.diff(indptr)) * d + j, x, minlength=E * d).reshape(E, d)
+
+
+def _normalise(C, old):
+    """Spherical k-means centres: L2-normalised sums; an empty cluster keeps its old centre."""
     norm = np.linalg.norm(C, axis=1, keepdims=True)
-    return np.where(norm > 0, C / np.maximum(norm, 1e-12), old)
+    return np.where(norm > 0, C / np.maximum(norm, 1e-12), old).astype(np.float32)
 
 
 class LocalRouter(Router):
@@ -446,12 +465,24 @@ class LocalRouter(Router):
             self.protos[e, codes[i]] = 1 / math.sqrt(self.cfg.wta_k)
             best = np.maximum(best, self.protos[e, codes].sum(1) / math.sqrt(self.cfg.wta_k))
         self.wins[:], self.bias[:] = 1, 0
-        for _ in range(self.cfg.epochs):
+        B = self.cfg.hebb_batch
+        for _ in range(max(self.cfg.epochs, math.ceil(self.cfg.min_rounds / math.ceil(len(idx) / B)))):
             order = rng.permutation(len(idx))
-            for s in range(0, len(order), self.cfg.hebb_batch):
-                b = order[s:s + self.cfg.hebb_batch]
+            for s in range(0, len(order), B):
+                b = order[s:s + B]
                 self.step(codes[b], w[b])
+        self.settle(np.concatenate([self.similarity(codes[b]) for b in _batches(len(idx), self.cfg.batch_docs)]), w)
         return self
+
+    def settle(self, sims, weights, iters: int = 200):
+        """With the prototypes fixed, let the thresholds settle on the whole sample: each expert
+        still moves only its own threshold by its own share error, with a shrinking step. The
+        online rounds leave the thresholds noisy (a share counted over a few documents of very
+        different lengths); this removes that noise."""
+        step = sims.std() + 1e-12
+        for t in range(iters):
+            share = np.bincount(np.argmax(sims + self.bias, axis=1), weights, minlength=self.n_experts)
+            self.bias += step * 0.98 ** t * (1 / self.n_experts - share / weights.sum())
 
     def step(self, codes, weights=None):
         """One round of competition and learning on a few documents: each goes to the argmax of
@@ -489,23 +520,23 @@ class LocalRouter(Router):
         return self.scores(docs) + self.bias
 
     def _follow(self, docs, labels):
-        codes = self.codes(docs)
+        """The same Hebbian update, with each document's expert given by the refinement."""
         order = np.random.default_rng([self.cfg.seed, 4]).permutation(len(labels))
-        for s in range(0, len(order), self.cfg.hebb_batch):
-            b = order[s:s + self.cfg.hebb_batch]
-            self.hebb(codes[b], labels[b])
+        for chunk in np.array_split(order, max(1, len(order) // 8192)):  # codes of a chunk at a time
+            codes = self.codes(docs, chunk)
+            for s in range(0, len(chunk), self.cfg.hebb_batch):
+                self.hebb(codes[s:s + self.cfg.hebb_batch], labels[chunk[s:s + self.cfg.hebb_batch]])
 
 
 ROUTERS = {"local": LocalRouter, "random": RandomRouter, "kmeans": KMeansRouter}
 
 
 def make_router(kind: str, n_experts: int, vocab_size: int, **cfg) -> Router:
-    if kind not in ROUTERS:
-        raise ValueError(f"unknown router kind {kind!r}; expected one of {sorted(ROUTERS)}")
     known = {f.name for f in fields(RouterConfig)}
     if bad := sorted(set(cfg) - known):
         raise ValueError(f"unknown router settings {bad}; known: {sorted(known)}")
-    return ROUTERS[kind](RouterConfig(kind=kind, n_experts=n_experts, vocab_size=vocab_size, **cfg))
+    cfg = RouterConfig(kind=kind, n_experts=n_experts, vocab_size=vocab_size, **cfg)  # validates kind
+    return ROUTERS[kind](cfg)
 
 
 load_router = Router.load

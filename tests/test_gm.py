@@ -1,0 +1,216 @@
+"""The multi-expert trainer on real shards: experts learn their own data, every document is routed
+once, compute adds up, a crashed run resumes bit-identically, experts are independent, load_gm
+serves them to the mixture, and two torchrun processes train different experts."""
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from gmlib import gm
+from gmlib.data import ShardWriter, TokenShards
+from gmlib.mixture import MixtureConfig, MixtureLM, window_logprobs
+from gmlib.paths import REPO_ROOT
+from gmlib.store import ExpertStore
+
+ROUTER_CFG = {"n_features": 4096, "n_units": 4096, "wta_k": 32, "epochs": 2}
+TRAIN = dict(batch_size=8, lr=1e-2, min_lr=1e-3, warmup_steps=5, eval_every=0, eval_batches=3, log_every=5)
+# the main run: 4 experts by the local rule, budgets by share, two phases with one refinement
+MAIN = dict(n_experts=4, router="local", router_cfg=ROUTER_CFG, model={"seq_len": 64}, budget="share",
+            tokens=4 * 40 * 8 * 64, segment_steps=15, refine_rounds=1, refine_docs=48, device="cpu", **TRAIN)
+# small runs for resume and independence: hash routing, fixed budgets, a BTM seed run
+SMALL = dict(n_experts=3, router="random", model={"seq_len": 64}, budget="fixed", tokens=16 * 8 * 64,
+             segment_steps=6, seed_steps=6, device="cpu", **TRAIN)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train fastest on one thread (and the CPU is shared with other jobs)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def weights(out, name):
+    with ExpertStore(out / "store", 1 << 30, 1 << 30) as st:
+        return {k: v.clone() for k, v in st.read(name)[0].items() if k.startswith("model.")}
+
+
+def doc_hashes(shards: TokenShards):
+    return sorted(hashlib.sha1(shards.doc(i).tobytes()).hexdigest() for i in range(shards.n_docs))
+
+
+@pytest.fixture(scope="module")
+def main_run(tiny_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gm_main")
+    return out, gm.train_gm(gm.GMConfig.from_dict(MAIN), tiny_shards, out)
+
+
+@pytest.fixture(scope="module")
+def small_run(tiny_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gm_small")
+    return out, gm.train_gm(gm.GMConfig.from_dict(SMALL), tiny_shards, out)
+
+
+def test_config_round_trip_and_errors():
+    cfg = gm.GMConfig.from_dict(MAIN)
+    assert cfg.train.batch_size == 8 and cfg.n_experts == 4
+    assert gm.GMConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="unknown gm settings"):
+        gm.GMConfig.from_dict({"n_expert": 3})
+    with pytest.raises(ValueError, match="budget"):
+        gm.GMConfig(budget="equal")
+
+
+def test_experts_learn_their_own_data(main_run):
+    out, s = main_run
+    assert (out / "gm.json").is_file() and json.loads((out / "gm.json").read_text()) == json.loads(json.dumps(s))
+    assert s["experts"] == [gm.expert_name(e) for e in range(4)] and s["router"] == "local"
+    assert sum(s["shares"]) == pytest.approx(1.0)
+    for r in s["records"]:
+        assert r["steps"] == r["max_steps"] >= 10, r["name"]
+        # each expert's held-out loss on its own routed val documents fell well below its start
+        assert r["val_loss"] < r["val_loss_start"] - 1.0, (r["name"], r["val_loss_start"], r["val_loss"])
+    # budgets follow the shares: steps = round(tokens * share / tokens per step)
+    tok_step = 8 * 64
+    assert [r["max_steps"] for r in s["records"]] == [max(1, round(MAIN["tokens"] * sh / tok_step)) for sh in s["shares"]]
+    # the local rule keeps the shares fair (capacity slack 5%, plus token-length noise)
+    assert max(s["shares"]) / min(s["shares"]) < 1.6, s["shares"]
+
+
+def test_every_document_routed_exactly_once(main_run, tiny_shards):
+    out, s = main_run
+    for split in ("train", "val"):
+        src = TokenShards(tiny_shards / split)
+        for rnd in ("round_000", "round_001"):  # before and after the refinement
+            parts = [TokenShards(out / "routed" / rnd / split / n) for n in s["experts"]]
+            assert sum(p.n_docs for p in parts) == src.n_docs and sum(p.n_tokens for p in parts) == src.n_tokens
+            assert sorted(h for p in parts for h in doc_hashes(p)) == doc_hashes(src)
+    labels = np.load(out / "routed" / "round_000" / "train" / "assign.npy")
+    assert labels.shape == (TokenShards(tiny_shards / "train").n_docs,) and set(labels) == {0, 1, 2, 3}
+    # the refinement scored its sample with every expert and moved some documents
+    losses = np.stack([np.load(out / "refine" / "round_001" / f"{n}.npy") for n in s["experts"]], 1)
+    assert losses.shape == (48, 4) and np.isfinite(losses).all()
+    after = np.load(out / "routed" / "round_001" / "train" / "assign.npy")
+    assert 0 < (after != labels).sum() < len(labels)
+    assert s["router_path"] == "router/round_001"
+
+
+def test_accounting_adds_up(main_run):
+    out, s = main_run
+    a, recs = s["accounting"], s["records"]
+    tok_step = 8 * 64
+    for r in recs:  # each expert's own Trainer accounting
+        assert r["accounting"]["tokens"] == r["steps"] * tok_step and r["accounting"]["step"] == r["steps"]
+        assert r["accounting"]["flops"] == a["flops_per_token"] * r["accounting"]["tokens"]
+    for k in ("tokens", "flops", "flops_6nd", "step"):
+        assert a[k] == sum(r["accounting"][k] for r in recs), k
+    assert a["gpu_seconds"] == pytest.approx(sum(r["accounting"]["gpu_seconds"] for r in recs))
+    assert a["flops_6nd"] == 6 * a["params_per_expert"] * a["tokens"] and a["params"] == 4 * a["params_per_expert"]
+    sw = s["swap"]
+    assert sw["bytes_moved"] > 0 and sw["wall_s"] > 0 and 0 <= sw["wait_frac"] < 1
+    assert s["ranks"][0]["store"]["prefetches"] > 0 and s["ranks"][0]["experts"] == s["experts"]
+
+
+def test_resume_after_a_crash_continues_bit_identically(small_run, tiny_shards, tmp_path, monkeypatch):
+    ref_out, ref = small_run
+    assert ref["accounting"]["seed_run"]["step"] == 6
+    out, calls, trained = tmp_path / "gm", [0], []
+    real_run = gm.Trainer.run
+
+    def crashing_run(self, steps=None, **kw):
+        calls[0] += 1
+        if calls[0] == 5:  # the seed run (1 segment), the 3 experts' first segments, then a crash
+            raise KeyboardInterrupt("simulated kill")
+        before = self.step
+        acct = real_run(self, steps, **kw)
+        trained.append(self.step - before)
+        return acct
+
+    monkeypatch.setattr(gm.Trainer, "run", crashing_run)
+    with pytest.raises(KeyboardInterrupt):
+        gm.train_gm(gm.GMConfig.from_dict(SMALL), tiny_shards, out)
+    first = sum(trained)
+    assert first == 6 + 3 * 6 and not (out / "gm.json").exists()
+    s = gm.train_gm(gm.GMConfig.from_dict(SMALL), tiny_shards, out)
+    # the rerun trained only what was missing: no seed run again, each expert from step 6 to 16
+    assert sum(trained) - first == 3 * (16 - 6)
+    assert [r["steps"] for r in s["records"]] == [16, 16, 16]
+    for name in [gm.SEED] + s["experts"]:
+        for k, v in weights(ref_out, name).items():
+            assert torch.equal(v, weights(out, name)[k]), (name, k)
+    assert [r["val_loss"] for r in s["records"]] == [r["val_loss"] for r in ref["records"]]
+    # a finished gm reruns as a no-op, and its config cannot be changed under it
+    trained.clear()
+    gm.train_gm(gm.GMConfig.from_dict(SMALL), tiny_shards, out)
+    assert sum(trained) == 0
+    with pytest.raises(ValueError, match="n_experts"):
+        gm.train_gm(gm.GMConfig.from_dict({**SMALL, "n_experts": 2}), tiny_shards, out)
+
+
+def test_experts_are_independent(small_run, tiny_shards, tmp_path):
+    """Give expert 0 other documents: experts 1 and 2 come out bit-identical, expert 0 does not."""
+    ref_out, ref = small_run
+    out = tmp_path / "gm"
+    for d in ("routed", "router"):
+        shutil.copytree(ref_out / d, out / d)
+    e0 = out / "routed" / "round_000" / "train" / "expert_000"
+    src = TokenShards(ref_out / "routed" / "round_000" / "train" / "expert_001")  # expert 1's documents
+    shutil.rmtree(e0)
+    with ShardWriter(e0, src.vocab_size, src.sources) as w:
+        for i in range(src.n_docs):
+            w.add(src.doc(i), int(src.doc_source[i]), int(src.doc_nbytes[i]))
+    gm.train_gm(gm.GMConfig.from_dict(SMALL), tiny_shards, out)
+    for name in ("expert_001", "expert_002"):
+        a, b = weights(ref_out, name), weights(out, name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    a, b = weights(ref_out, "expert_000"), weights(out, "expert_000")
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_load_gm_serves_the_mixture(main_run, tiny_shards):
+    out, s = main_run
+    one = gm._state_bytes(gm.GPTConfig(**s["model_config"])) // 3 + 256
+    router, load_expert, info = gm.load_gm(out, "cpu", gpu_bytes=one, ram_bytes=2 * one)  # 1 expert on the "GPU"
+    assert info["n_experts"] == 4 and router.n_experts == 4
+    docs = [TokenShards(tiny_shards / "val").doc(i)[:100] for i in range(6)]
+    for e in (0, 3, 1, 0):  # more experts than the tiers hold: they cycle through disk
+        m = load_expert(e)
+        ref = weights(out, gm.expert_name(e))
+        assert all(torch.equal(v, ref[f"model.{k}"]) for k, v in m.state_dict().items())
+    lm = MixtureLM(load_expert, 4, router, MixtureConfig(k=2, reroute_every=32), base_prior=info["shares"],
+                   expert_n_params=info["params_per_expert"])
+    lp = lm.token_logprobs_many(docs)
+    assert all(np.isfinite(x).all() and len(x) == len(d) - 1 for x, d in zip(lp, docs))
+    # with k = 1 and eta = 0 the first tokens follow the best expert under the base prior alone
+    single = window_logprobs(load_expert(int(np.argmax(info["shares"]))), docs[:1])[0]
+    lm1 = MixtureLM(load_expert, 4, None, MixtureConfig(k=1, eta=0.0), base_prior=info["shares"],
+                    expert_n_params=info["params_per_expert"])
+    np.testing.assert_allclose(lm1.token_logprobs(docs[0]), single, rtol=1e-6, atol=1e-6)
+    info["store"].close()
+
+
+def test_torchrun_two_processes_train_different_experts(tiny_shards, tmp_path):
+    torchrun = shutil.which("torchrun", path=str(REPO_ROOT / ".venv" / "bin")) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not installed (it comes with torch)")
+    cfg = tmp_path / "gm.yaml"
+    cfg.write_text(yaml.safe_dump({**SMALL, "n_experts": 4, "seed_steps": 0, "tokens": 8 * 8 * 64}))
+    out = tmp_path / "gm"
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", str(REPO_ROOT / "scripts" / "train_gm.py"),
+           "--config", str(cfg), "--data", str(tiny_shards), "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    s = json.loads((out / "gm.json").read_text())
+    assert s["world_size"] == 2
+    assert {r["name"]: r["rank"] for r in s["records"]} == {"expert_000": 0, "expert_001": 1, "expert_002": 0, "expert_003": 1}
+    pids = {r["rank"]: r["pid"] for r in s["records"]}
+    assert pids[0] != pids[1]  # two processes
+    assert [r["experts"] for r in s["ranks"]] == [["expert_000", "expert_002"], ["expert_001", "expert_003"]]
+    assert all(r["steps"] == 8 for r in s["records"])
