@@ -19,8 +19,10 @@ Fine-tuning (both arms: the same steps, learning-rate grid, batch, schedule and 
 Training is gmlib.train's loop on random windows of the subset's token stream; every
 `eval_every` steps the validation slice's bits per byte is measured and the best state is kept.
 Held-out perplexity and bits per byte come from gmlib.evaluate.quality: the same computation as
-every other evaluation. Fine-tuned experts are saved through the gm's expert store under NEW
-names (<expert>.ft-<tag>); the pre-trained experts' files are never written.
+every other evaluation, over whole documents; the header is 40% of the bytes, so text_bpb also
+scores the review texts alone (header given, same log-probs). Fine-tuned experts are saved
+through the gm's expert store under NEW names (<expert>.ft-<tag>); the pre-trained experts'
+files are never written.
 """
 import copy
 import hashlib
@@ -28,7 +30,6 @@ import math
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -53,16 +54,22 @@ def load_reviews(path, clean_fn=None) -> list[dict]:
     text is empty after cleaning is skipped (the Wildberries dump has rating-only reviews), a
     record without a "text" string is an error naming the file and line."""
     out = []
-    for n, rec in read_jsonl(path):
-        if not isinstance(rec.get("text"), str):
-            raise ValueError(f"{path}:{n}: no \"text\" string field in the review")
-        text = (clean_fn(rec["text"]) if clean_fn else rec["text"]) or ""
-        if not text.strip():
-            continue
-        rating = rec.get("rating")
-        out.append({"id": str(rec.get("id", f"line-{n}")), "text": text.strip(),
-                    "rating": int(rating) if isinstance(rating, (int, float)) and 1 <= rating <= 5 else None,
-                    "product": str(rec.get("product_name") or "").strip(), "category": str(rec.get("category") or "")})
+    try:
+        for n, rec in read_jsonl(path):
+            if not isinstance(rec.get("text"), str):
+                raise ValueError(f"{path}:{n}: no \"text\" string field in the review")
+            text = (clean_fn(rec["text"]) if clean_fn else rec["text"]) or ""
+            if not text.strip():
+                continue
+            rating = rec.get("rating")
+            out.append({"id": str(rec.get("id", f"line-{n}")), "text": text.strip(),
+                        "rating": int(rating) if isinstance(rating, (int, float)) and 1 <= rating <= 5 else None,
+                        "product": str(rec.get("product_name") or "").strip(),
+                        "category": str(rec.get("category") or "")})
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # a truncated or mislabelled .gz, not UTF-8
+        raise ValueError(f"{path}: unreadable reviews file ({type(e).__name__}: {e})") from e
     if not out:
         raise ValueError(f"{path}: no review with text")
     return out
@@ -114,11 +121,34 @@ def nested_subsets(pool: list[dict], sizes_kb, seed: int, val_every: int = 10) -
     return out
 
 
-def encode(reviews: list[dict], tokenizer) -> list[EvalDoc]:
-    """[bos] + tokens of each formatted review, with its UTF-8 bytes and words (for bpb, ppl)."""
+@dataclass
+class ReviewDoc(EvalDoc):
+    n_head: int = 0      # tokens before the review text: [bos] and the header
+    text_bytes: int = 0  # UTF-8 bytes of the review text alone
+
+
+def encode(reviews: list[dict], tokenizer) -> list[ReviewDoc]:
+    """[bos] + tokens of each formatted review, with its UTF-8 bytes and words (for bpb, ppl),
+    and where its text starts (the header is 40% of the bytes: see heldout_scores)."""
     bos, texts = tokenizer.bos_id(), [format_review(r) for r in reviews]
-    return [EvalDoc(np.array([bos] + ids, np.int64), len(t.encode()), len(t.split()))
-            for t, ids in zip(texts, tokenizer.encode(texts))]
+    heads = tokenizer.encode([review_prompt(r["rating"], r["product"]) for r in reviews])
+    out = []
+    for r, t, ids, h in zip(reviews, texts, tokenizer.encode(texts), heads):
+        if ids[:len(h)] != h:  # "\n" is its own piece, so the header's tokens are a prefix
+            raise ValueError(f"review {r['id']}: its header does not tokenize as a prefix of the document")
+        out.append(ReviewDoc(np.array([bos] + ids, np.int64), len(t.encode()), len(t.split()),
+                             1 + len(h), len(r["text"].encode())))
+    return out
+
+
+def heldout_scores(lm, docs: list[ReviewDoc], n_boot: int = 1000) -> dict:
+    """gmlib.evaluate.quality of the whole documents (per-token ppl, bpb with its 95% interval,
+    per-word ppl), plus text_bpb: the review texts alone given their headers (same log-probs)."""
+    lps = lm.token_logprobs_many([d.tokens for d in docs])
+    q = quality(lm, docs, n_boot, nats=np.array([-lp.sum() for lp in lps]))
+    text = sum(-lp[d.n_head - 1:].sum() for lp, d in zip(lps, docs)) / math.log(2) / sum(d.text_bytes for d in docs)
+    return {"val_ppl": q["ppl_token"], "val_bpb": q["bpb"], "val_ppl_word": q["ppl_word"], "val_bpb_lo": q["bpb_lo"],
+            "val_bpb_hi": q["bpb_hi"], "text_bpb": float(text)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,18 +228,25 @@ def finetune(arm: Arm, shards: TokenShards, val_docs, cfg: FinetuneConfig, lr: f
     tcfg = TrainConfig(max_steps=cfg.steps, batch_size=cfg.batch_size, lr=lr, min_lr=lr * cfg.min_lr_frac,
                        warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
                        eval_every=0, log_every=cfg.eval_every, device=cfg.device, seed=seed)
-    sampler = WindowSampler(shards, min(cfg.seq_len or L, L), cfg.batch_size, seed=seed)
+    T = min(cfg.seq_len or L, L)
+    if shards.n_tokens <= T + 1:
+        raise ValueError(f"a training subset of {shards.n_tokens} tokens is too small for windows of {T + 1}: "
+                         "lower FinetuneConfig.seq_len or take a larger subset")
+    sampler = WindowSampler(shards, T, cfg.batch_size, seed=seed)
     trainers = [Trainer(m, tcfg, sampler) for m in models.values()]
     curve = []
 
     def check(step):
         lm = arm.make_lm(models)
         if curve_docs is not None:
-            q = quality(lm, curve_docs, n_boot=n_boot)
-            curve.append({"model": arm.name, "lr": lr, "step": step, "val_ppl": q["ppl_token"], "val_bpb": q["bpb"]})
+            q = heldout_scores(lm, curve_docs, n_boot)
+            curve.append({"model": arm.name, "lr": lr, "step": step,
+                          **{k: q[k] for k in ("val_ppl", "val_bpb", "text_bpb")}})
         return slice_bpb(lm, val_docs)
 
-    snap = lambda: {k: {n: t.detach().clone() for n, t in m.state_dict().items()} for k, m in models.items()}  # noqa: E731
+    def snap():
+        return {k: {n: t.detach().clone() for n, t in m.state_dict().items()} for k, m in models.items()}
+
     best = (check(0), 0, snap())
     while trainers[0].step < cfg.steps:
         for tr in trainers:
@@ -224,17 +261,6 @@ def finetune(arm: Arm, shards: TokenShards, val_docs, cfg: FinetuneConfig, lr: f
            "train_tokens": sum(t.acct["tokens"] for t in trainers),
            "params_trained": sum(m.cfg.n_params for m in models.values())}
     return models, rec, curve
-
-
-def best_of_grid(arm: Arm, shards, val_docs, cfg: FinetuneConfig, seed: int, curve_docs=None, n_boot: int = 200):
-    """finetune() at every lr of the grid; the run of lowest validation-slice bpb (ties: the
-    smaller lr) and its held-out curve."""
-    best = None
-    for lr in sorted(cfg.lrs):
-        models, rec, curve = finetune(arm, shards, val_docs, cfg, lr, seed, curve_docs, n_boot)
-        if best is None or rec["slice_bpb"] < best[1]["slice_bpb"]:
-            best = (models, rec, curve)
-    return best
 
 
 def save_experts(gm, tuned: dict, tag: str, meta: dict) -> list[str]:
@@ -253,54 +279,62 @@ def save_experts(gm, tuned: dict, tag: str, meta: dict) -> list[str]:
     return names
 
 
+def fit_point(arm: Arm, train_docs, val_docs, held_docs, cfg: FinetuneConfig, seed: int, curve: bool = False,
+              n_boot: int = 1000):
+    """One point of the learning curve: the best run of the lr grid, scored on the held-out
+    reviews. Returns (record, fine-tuned models, their LM, held-out curve rows of the chosen lr)."""
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="gm-ft-") as tmp:
+        shards = token_shards(train_docs, next(iter(arm.models.values())).cfg.vocab_size, tmp)
+        best = None
+        for lr in sorted(cfg.lrs):  # ties go to the smaller lr
+            run = finetune(arm, shards, val_docs, cfg, lr, seed, held_docs if curve else None)
+            if best is None or run[1]["slice_bpb"] < best[1]["slice_bpb"]:
+                best = run
+    models, rec, rows = best
+    lm = arm.make_lm(models)
+    rec = {"steps": rec.pop("steps"), **heldout_scores(lm, held_docs, n_boot), **rec,
+           "experts": ",".join(arm.info.get("experts", [])), "seconds": round(time.time() - t0, 2)}
+    return rec, models, lm, rows
+
+
 def learning_curve(dense, gm, pool, heldout, tokenizer, cfg: FinetuneConfig, sizes_kb, seeds, curve_kb=None,
                    n_boot: int = 1000, save: str = "largest", log=print):
-    """Every (model, subset, seed) point: fine-tune, evaluate on the held-out reviews.
-    dense: a GPT or None; gm: load_gm's (router, load_expert, info) or None.
-    Returns (points, curve, {model: fine-tuned LM on the largest subset of the first seed}).
-    Rows with subset_kb 0 are the models before fine-tuning (gm with the smallest subset's prior)."""
+    """Every (model, subset, seed) point. dense: a GPT or None; gm: load_gm's (router,
+    load_expert, info) or None. save: which fine-tuned gm experts go to the store (all, largest,
+    none). Returns (points, steps curve of curve_kb at the first seed, {model: fine-tuned LM of
+    the largest subset, first seed}). Rows with subset_kb 0 are the models before fine-tuning
+    (gm with the smallest subset's task prior)."""
     pool_docs, held_docs = encode(pool, tokenizer), encode(heldout, tokenizer)
     points, curves, final = [], [], {}
-    largest = sizes_kb[-1]
+    largest, curve_kb = sizes_kb[-1], curve_kb or sizes_kb[-1]
     for seed in seeds:
-        subsets = nested_subsets(pool, sizes_kb, seed, cfg.val_every)
-        for s in sizes_kb:
-            tr_idx, val_idx = subsets[s]
+        for s, (tr_idx, val_idx) in nested_subsets(pool, sizes_kb, seed, cfg.val_every).items():
             train_docs, val_docs = [pool_docs[i] for i in tr_idx], [pool_docs[i] for i in val_idx]
+            nbytes = sum(d.nbytes for d in train_docs + val_docs)
+            kb = round(nbytes / KB) if s == "all" else s
             arms = ([dense_arm(dense)] if dense is not None else []) + \
                    ([gm_arm(gm, train_docs, cfg.top_k, cfg.eval_k)] if gm is not None else [])
-            nbytes = sum(pool_docs[i].nbytes for i in np.concatenate([tr_idx, val_idx]))
-            kb = round(nbytes / KB) if s == "all" else s
-            with tempfile.TemporaryDirectory(prefix="gm-ft-") as tmp:
-                for arm in arms:
-                    if s == sizes_kb[0] and (seed == seeds[0] or arm.name != "dense"):
-                        q = quality(arm.make_lm(arm.models), held_docs, n_boot=n_boot)
-                        before = [{"model": arm.name, "subset_kb": 0, "seed": sd, "steps": 0, "val_ppl": q["ppl_token"],
-                                   "val_bpb": q["bpb"], "val_ppl_word": q["ppl_word"], "val_bpb_lo": q["bpb_lo"],
-                                   "val_bpb_hi": q["bpb_hi"], "experts": ",".join(arm.info.get("experts", []))}
-                                  for sd in (seeds if arm.name == "dense" else [seed])]
-                        points += before
-                    t0 = time.time()
-                    shards = token_shards(train_docs, next(iter(arm.models.values())).cfg.vocab_size, Path(tmp) / arm.name)
-                    on_curve = s == (curve_kb or largest) and seed == seeds[0]
-                    models, rec, curve = best_of_grid(arm, shards, val_docs, cfg, seed, held_docs if on_curve else None)
-                    lm = arm.make_lm(models)
-                    q = quality(lm, held_docs, n_boot=n_boot)
-                    row = {"model": arm.name, "subset_kb": kb, "seed": seed, "steps": rec["steps"],
-                           "val_ppl": q["ppl_token"], "val_bpb": q["bpb"], "val_ppl_word": q["ppl_word"],
-                           "val_bpb_lo": q["bpb_lo"], "val_bpb_hi": q["bpb_hi"], "actual_kb": nbytes / KB,
-                           "n_reviews": len(tr_idx) + len(val_idx), "experts": ",".join(arm.info.get("experts", [])),
-                           **rec, "seconds": round(time.time() - t0, 2)}
-                    if arm.name != "dense" and (save == "all" or (save == "largest" and s == largest)):
-                        tag = f"reviews-{'all' if s == 'all' else f'{s:g}kb'}-s{seed}"
-                        row["saved_as"] = ",".join(save_experts(gm, models, tag, {k: row[k] for k in (
-                            "subset_kb", "seed", "steps", "lr", "val_ppl", "val_bpb")}))
-                    points.append(row)
-                    curves += [{**c, "subset_kb": kb, "seed": seed} for c in curve if c["lr"] == rec["lr"]]
-                    if s == largest and seed == seeds[0]:
-                        final[arm.name] = lm
-                    log(f"{arm.name:>5} {kb:>6g} KB seed {seed}: lr {rec['lr']:.0e} step {rec['steps']:>4}  "
-                        f"held-out ppl {q['ppl_token']:.2f} bpb {q['bpb']:.4f}  ({row['seconds']:.1f} s)")
+            for arm in arms:
+                if s == sizes_kb[0] and (seed == seeds[0] or arm.name != "dense"):  # before fine-tuning
+                    q = heldout_scores(arm.make_lm(arm.models), held_docs, n_boot)
+                    points += [{"model": arm.name, "subset_kb": 0, "seed": sd, "steps": 0, **q,
+                                "experts": ",".join(arm.info.get("experts", []))}
+                               for sd in (seeds if arm.name == "dense" else [seed])]
+                first = seed == seeds[0]
+                rec, models, lm, rows = fit_point(arm, train_docs, val_docs, held_docs, cfg, seed,
+                                                  first and s == curve_kb, n_boot)
+                row = {"model": arm.name, "subset_kb": kb, "seed": seed, **rec, "actual_kb": nbytes / KB,
+                       "n_reviews": len(train_docs) + len(val_docs)}
+                if arm.name != "dense" and (save == "all" or (save == "largest" and s == largest)):
+                    meta = {k: row[k] for k in ("subset_kb", "seed", "steps", "lr", "val_ppl", "val_bpb")}
+                    row["saved_as"] = ",".join(save_experts(gm, models, f"reviews-{kb:g}kb-s{seed}", meta))
+                points.append(row)
+                curves += [{**c, "subset_kb": kb, "seed": seed} for c in rows]
+                if s == largest and first:
+                    final[arm.name] = lm
+                log(f"{arm.name:>5} {kb:>6g} KB seed {seed}: lr {row['lr']:.0e} step {row['steps']:>4}  "
+                    f"held-out ppl {row['val_ppl']:.2f} bpb {row['val_bpb']:.4f}  ({row['seconds']:.1f} s)")
     return pd.DataFrame(points), pd.DataFrame(curves), final
 
 
@@ -312,35 +346,39 @@ def summary(points: pd.DataFrame) -> pd.DataFrame:
     """Points averaged over seeds: mean and standard deviation (ddof 1; 0 for one seed)."""
     g = points.groupby(["model", "subset_kb"], sort=True)
     out = g.agg(n_seeds=("seed", "nunique"), steps=("steps", "mean"), val_ppl=("val_ppl", "mean"),
-                val_ppl_std=("val_ppl", "std"), val_bpb=("val_bpb", "mean"), val_bpb_std=("val_bpb", "std"))
+                val_ppl_std=("val_ppl", "std"), val_bpb=("val_bpb", "mean"), val_bpb_std=("val_bpb", "std"),
+                text_bpb=("text_bpb", "mean"), text_bpb_std=("text_bpb", "std"))
     return out.fillna(0.0).reset_index()
 
 
 def figure(points: pd.DataFrame, curve: pd.DataFrame):
-    """Held-out ppl and bpb against fine-tuning data (log x; before fine-tuning dashed), and the
-    held-out ppl against fine-tuning steps for one subset size."""
+    """Held-out ppl, bpb and the review texts' bpb against fine-tuning data (log x; before
+    fine-tuning dashed), and held-out ppl against fine-tuning steps for one subset size."""
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
-    tab = summary(points)
-    for i, (model, g) in enumerate(tab.groupby("model")):
-        color = f"C{i}"
-        for ax, col, label in [(axes[0], "val_ppl", "held-out perplexity per token"),
-                               (axes[1], "val_bpb", "held-out bits per byte")]:
-            ft = g[g.subset_kb > 0]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    panels = [(axes[0, 0], "val_ppl", "held-out perplexity per token"),
+              (axes[0, 1], "val_bpb", "held-out bits per byte"),
+              (axes[1, 0], "text_bpb", "bits per byte of the review texts (header given)")]
+    for i, (model, g) in enumerate(summary(points).groupby("model")):
+        color, ft = f"C{i}", g[g.subset_kb > 0]
+        for ax, col, label in panels:
             ax.errorbar(ft.subset_kb, ft[col], yerr=ft[f"{col}_std"], marker="o", capsize=3, color=color, label=model)
             if (g.subset_kb == 0).any():
                 ax.axhline(g[g.subset_kb == 0][col].iloc[0], ls="--", color=color, alpha=0.6,
                            label=f"{model}, before fine-tuning")
             ax.set_xscale("log")
+            ax.set_xticks(ft.subset_kb, [f"{v:g}" for v in ft.subset_kb])  # the subset sizes, not powers of 10
+            ax.xaxis.set_minor_locator(plt.NullLocator())
             ax.set_xlabel("fine-tuning data (KB of reviews, log scale)")
             ax.set_ylabel(label)
-        if len(curve):
-            c = curve[curve.model == model]
-            axes[2].plot(c.step, c.val_ppl, "o-", color=color,
-                         label=f"{model} ({c.subset_kb.iloc[0]:g} KB, lr {c.lr.iloc[0]:.0e})" if len(c) else model)
-    axes[2].set_xlabel("fine-tuning step")
-    axes[2].set_ylabel("held-out perplexity per token")
-    for ax in axes:
+        c = curve[curve.model == model] if len(curve) else curve
+        if len(c):
+            axes[1, 1].plot(c.step, c.val_ppl, "o-", color=color,
+                            label=f"{model} ({c.subset_kb.iloc[0]:g} KB, lr {c.lr.iloc[0]:.0e})")
+    axes[1, 1].set_xlabel("fine-tuning step")
+    axes[1, 1].set_ylabel("held-out perplexity per token")
+    axes[1, 1].set_yscale("log")
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Few-shot fine-tuning on Wildberries reviews (error bars: std over seeds)", fontsize=10)

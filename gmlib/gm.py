@@ -15,7 +15,8 @@ ordinary loop. This module only decides the schedule:
      document to the expert that predicts it best (the prototypes follow), train and val are
      re-routed and training continues on the new shards;
   5. a final barrier; rank 0 merges the per-expert records into out_dir/gm.json.
-No tensor passes between experts or ranks: ranks only wait for each other and share small files.
+No tensor passes between experts or ranks: ranks only wait for each other (torch.distributed
+barriers, set up by scripts/train_gm.py under torchrun) and share small files.
 Resumable per expert: after each segment the expert's state (weights, AdamW, trainer step and
 data position) goes to the store durably, and a rerun takes every expert up where it stopped.
 """
@@ -25,7 +26,6 @@ import os
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields, replace
-from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -44,8 +44,10 @@ from .train import VAL_SEED, Trainer, TrainConfig, make_optimizer, resolve_devic
 
 FORMAT = "gm-v1"
 SEED = "seed"  # the store name of the shared BTM seed run
-# fields that define what the experts are: a rerun into the same out_dir must not change them
-IDENTITY = ("n_experts", "router", "router_cfg", "model_size", "model", "seed", "seed_steps", "refine_rounds")
+# settings a rerun into the same out_dir may change: they do not change what any expert learns
+# (each expert's run is independent of the order of segments); every other setting must stay
+FREE = {"device", "gpu_bytes", "ram_bytes", "segment_steps", "compile", "compile_mode", "eval_every", "log_every",
+        "ckpt_every"}
 
 
 @dataclass
@@ -113,6 +115,10 @@ def _state_bytes(mcfg: GPTConfig) -> int:
     return sum(3 * (-(-4 * n // 256) * 256) + 256 for n in sizes)
 
 
+def _flat(d: dict) -> dict:
+    return {**{k: v for k, v in d.items() if k != "train"}, **{f"train.{k}": v for k, v in d["train"].items()}}
+
+
 def _round_done(out: Path, r: int) -> bool:
     return (out / "routed" / f"round_{r:03d}" / "done.json").is_file()
 
@@ -169,14 +175,14 @@ class _Rank:
             before = tr.step
             acct = tr.run(min(self.cfg.segment_steps, max(0, target - tr.step)), progress=False)
             meta.update(trainer=tr.state_dict(), accounting=acct, done=tr.done, rank=self.rank, pid=os.getpid())
-            if tr.done:  # run() has just validated the finished expert
-                meta["val_loss"] = tr.history["val_loss"][-1] if job.val else None
+            if tr.done and job.val:  # run() validates a finished expert
+                h = tr.history
+                meta["val_loss"] = h["val_loss"][-1] if h["val_step"][-1:] == [tr.step] else tr.evaluate()
             if tr.step > before or tr.done:
                 st.put(name, state_tensors(self.model, self.opt), meta, durable=True, keep_optimizer=not tr.done)
-            if self.verbose:
-                h = tr.history
-                print(f"  {name}: step {tr.step}/{tr.max_steps} loss {h['loss'][-1] if h['loss'] else float('nan'):.3f}"
-                      + (f" val {meta['val_loss']:.3f}" if meta.get("val_loss") is not None else ""), flush=True)
+            if self.verbose and tr.history["loss"]:
+                val = f" val {meta['val_loss']:.3f}" if meta.get("val_loss") is not None else ""
+                print(f"  {name}: step {tr.step}/{tr.max_steps} loss {tr.history['loss'][-1]:.3f}{val}", flush=True)
         self.steps[name] = meta["trainer"]["step"]
         if meta["done"]:
             self.done.add(name)
@@ -237,8 +243,8 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
     if rank == 0:
         prev = out / "config.json"
         if prev.is_file():
-            old = json.loads(prev.read_text())["config"]
-            if changed := [k for k in IDENTITY if old.get(k) != cfg.to_dict()[k]]:
+            old, new = _flat(json.loads(prev.read_text())["config"]), _flat(json.loads(json.dumps(cfg.to_dict())))
+            if changed := sorted(k for k, v in new.items() if k.split(".")[-1] not in FREE and old.get(k) != v):
                 raise ValueError(f"{prev}: this gm was made with other {changed}; use a new out_dir")
         atomic.write_json(prev, {"config": cfg.to_dict(), "model_config": asdict(mcfg)})
         if not _round_done(out, 0):
@@ -380,12 +386,3 @@ def mixture_loader(gm_root):
         return lm
     return load
 
-
-def init_distributed() -> tuple[int, int]:
-    """(rank, world_size) from torchrun's environment; a gloo group when world_size > 1. Gloo
-    even on GPUs: ranks only wait at barriers (no tensors cross), and gloo's wait needs no GPU
-    and tolerates ranks that finish their experts hours apart (the timeout below)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(days=7))
-    return rank, world

@@ -202,14 +202,18 @@ def balanced_assign(scores: np.ndarray, slack: float = 0.0, weights=None) -> np.
     w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
     if w.shape != (n,) or (w < 0).any():
         raise ValueError(f"weights must be {n} non-negative numbers")
+    if not slack >= 0:
+        raise ValueError(f"slack must be >= 0, got {slack}")
     s = np.array(scores, np.float64)
     if math.isinf(slack):
         return np.argmax(s, axis=1)
     cap = w.sum() / E * (1 + slack)
-    if weights is None:
-        cap = math.ceil(cap - 1e-9)  # whole documents: exactly ceil(n / E) when slack = 0
+    # whole documents: exactly ceil(n / E) when slack = 0; weights: a hair over, against rounding
+    cap = math.ceil(cap - 1e-9) if weights is None else cap * (1 + 1e-12)
     labels, load = np.full(n, -1, np.int64), np.zeros(E)
     while (free := np.flatnonzero(labels < 0)).size:
+        if np.all(s[0] == -np.inf):  # cannot happen with cap * E >= total; never loop forever
+            raise RuntimeError("balanced_assign: every expert is full but documents remain")
         best = np.argmax(s[free], axis=1)
         for e in np.unique(best):
             cand = free[best == e]
@@ -364,8 +368,9 @@ class KMeansRouter(Router):
     def fit(self, docs):
         n, get = _getter(docs)
         rng = np.random.default_rng([self.cfg.seed, 2])
-        idx = np.sort(rng.permutation(n)[:self.cfg.fit_docs])
-        self.feat.fit([get(i) for i in idx[:self.cfg.idf_docs]])
+        perm = rng.permutation(n)
+        self.feat.fit([get(i) for i in perm[:self.cfg.idf_docs]])
+        idx = np.sort(perm[:self.cfg.fit_docs])  # in corpus order: reads stream through the shards
         X = self._csr(docs, idx)
         E, N, w = self.n_experts, len(idx), self._weights(docs)
         # k-means++ seeding on cosine distance
@@ -397,7 +402,8 @@ class KMeansRouter(Router):
             return
         sums = sum(_cluster_sums(self._csr(docs, b), labels[b], self.n_experts, self.cfg.n_features)
                    for b in _batches(len(labels), self.cfg.batch_docs))
-        self.centres = _normalise(sums, self.centres)
+        # like the local rule: halfway between the old centre and the new documents' mean direction
+        self.centres = _normalise(_normalise(sums, self.centres) + self.centres, self.centres)
 
 
 def _row_dense(X, i, d):
@@ -449,8 +455,9 @@ class LocalRouter(Router):
     def fit(self, docs):
         n, get = _getter(docs)
         rng = np.random.default_rng([self.cfg.seed, 3])
-        idx = np.sort(rng.permutation(n)[:self.cfg.fit_docs])
-        self.feat.fit([get(i) for i in idx[:self.cfg.idf_docs]])
+        perm = rng.permutation(n)
+        self.feat.fit([get(i) for i in perm[:self.cfg.idf_docs]])
+        idx = np.sort(perm[:self.cfg.fit_docs])  # in corpus order: reads stream through the shards
         codes = self.codes(docs, idx)
         w = self._weights(docs)
         w = np.ones(len(idx)) if w is None else w[idx].astype(np.float64)
@@ -520,12 +527,23 @@ class LocalRouter(Router):
         return self.scores(docs) + self.bias
 
     def _follow(self, docs, labels):
-        """The same Hebbian update, with each document's expert given by the refinement."""
+        """The same Hebbian update, with each document's expert given by the refinement. The
+        win counters restart at the number of documents each expert receives, so the old
+        prototype counts as much as the new evidence (refinement often sees a small sample):
+        each prototype ends halfway between where it was and the mean of its new documents.
+        Then the thresholds settle again."""
         order = np.random.default_rng([self.cfg.seed, 4]).permutation(len(labels))
-        for chunk in np.array_split(order, max(1, len(order) // 8192)):  # codes of a chunk at a time
+        self.wins[:] = np.maximum(np.bincount(labels, minlength=self.n_experts), 1)
+        sims = np.zeros((len(labels), self.n_experts))
+        chunks = np.array_split(order, max(1, len(order) // 8192))  # codes of a chunk at a time
+        for chunk in chunks:
             codes = self.codes(docs, chunk)
             for s in range(0, len(chunk), self.cfg.hebb_batch):
                 self.hebb(codes[s:s + self.cfg.hebb_batch], labels[chunk[s:s + self.cfg.hebb_batch]])
+        for chunk in chunks:
+            sims[chunk] = self.similarity(self.codes(docs, chunk))
+        w = self._weights(docs)
+        self.settle(sims, np.ones(len(labels)) if w is None else w.astype(np.float64))
 
 
 ROUTERS = {"local": LocalRouter, "random": RandomRouter, "kmeans": KMeansRouter}

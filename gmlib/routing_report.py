@@ -60,12 +60,13 @@ def token_counts(assign, shards: TokenShards, n_experts: int, chunk_docs: int = 
 
 
 def top_tokens(counts: np.ndarray, n: int = 8) -> list[np.ndarray]:
-    """Per expert, the tokens with the largest p(t|e) log(p(t|e) / p(t)): frequent in the
-    expert's documents and over-represented there (a tf-idf-like lift)."""
+    """Per expert, the tokens with the largest sqrt(p(t|e)) log(p(t|e) / p(t)): over-represented
+    among the expert's documents (the log lift) and not rare there (the sqrt(p) factor keeps
+    one-off pieces out without letting punctuation in: a tf-idf-like lift)."""
     p_te = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     p_t = counts.sum(0) / max(counts.sum(), 1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        score = np.where(counts > 0, p_te * np.log(p_te / p_t), -np.inf)
+        score = np.where(counts > 0, np.sqrt(p_te) * np.log(p_te / p_t), -np.inf)
     out = []
     for row in score:
         best = np.argsort(-row, kind="stable")[:n]
@@ -126,7 +127,7 @@ def routing_figure(assign, shards: TokenShards, n_experts: int, title: str = "")
     frac = src / np.maximum(src.sum(1, keepdims=True), 1)
     share = src.sum(1) / max(src.sum(), 1)
     x = np.arange(n_experts)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [3, 2]})
     colors = plt.get_cmap("tab20")(np.arange(len(shards.sources)) % 20)
     bottom = np.zeros(n_experts)
     for s, name in enumerate(shards.sources):
@@ -134,7 +135,7 @@ def routing_figure(assign, shards: TokenShards, n_experts: int, title: str = "")
             a1.bar(x, frac[:, s], bottom=bottom, color=colors[s], label=name)
             bottom += frac[:, s]
     a1.set(xlabel="expert", ylabel="share of the expert's tokens", title=f"{title} source mix".strip(), ylim=(0, 1))
-    a1.legend(fontsize=7, ncol=2, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    a1.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.18))
     a2.bar(x, share, color="tab:blue")
     a2.axhline(1 / n_experts, color="k", ls="--", label="ideal 1/E")
     a2.set(xlabel="expert", ylabel="share of all tokens", title=f"{title} balance".strip())

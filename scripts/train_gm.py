@@ -11,14 +11,28 @@ command continues a killed run.
 """
 import argparse
 import json
+import os
 import sys
+from datetime import timedelta
 from pathlib import Path
+
+import torch.distributed as dist
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a clone without installing
 
 from gmlib import gm  # noqa: E402
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world_size) from torchrun's environment, with a gloo group when world_size > 1. Gloo
+    even on GPUs: ranks only wait at barriers (no tensor crosses), gloo's wait needs no GPU, and
+    the long timeout lets ranks finish their experts hours apart."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(days=7))
+    return rank, world
 
 
 def main(argv=None):
@@ -34,12 +48,12 @@ def main(argv=None):
         k, _, v = kv.partition("=")
         settings[k] = yaml.safe_load(v)
     cfg = gm.GMConfig.from_dict(settings)
-    rank, world = gm.init_distributed()
+    rank, world = init_distributed()
     try:
         out = gm.train_gm(cfg, args.data, args.out, rank=rank, world_size=world, verbose=not args.quiet)
     finally:
         if world > 1:
-            gm.dist.destroy_process_group()
+            dist.destroy_process_group()
     if rank == 0:
         a, sw = out["accounting"], out["swap"]
         print(json.dumps({"out": str(args.out), "experts": out["n_experts"], "world_size": world,

@@ -67,11 +67,17 @@ def test_bad_review_file_is_a_clear_error(tmp_path, reviews_path):
     with pytest.raises(FileNotFoundError, match="nothere.jsonl"):
         ft.load_reviews(tmp_path / "nothere.jsonl")
     cases = {"badjson.jsonl": (good + ["{not json\n"], r"badjson\.jsonl:4: not valid JSON"),
-             "notext.jsonl": (good[:2] + [json.dumps({"id": "x", "rating": 5}) + "\n"], r"notext\.jsonl:3: no \"text\""),
+             "notext.jsonl": (good[:2] + [json.dumps({"id": "x", "rating": 5}) + "\n"],
+                              r"notext\.jsonl:3: no \"text\""),
              "empty.jsonl": ([json.dumps({"text": "  "}) + "\n"], r"empty\.jsonl: no review with text")}
     for name, (lines, msg) in cases.items():
         (tmp_path / name).write_text("".join(lines), encoding="utf-8")
         with pytest.raises(ValueError, match=msg):
+            ft.load_reviews(tmp_path / name)
+    (tmp_path / "cut.jsonl.gz").write_bytes(reviews_path.read_bytes()[:5000])  # a truncated download
+    (tmp_path / "plain.jsonl.gz").write_text("".join(good), encoding="utf-8")   # not gzip at all
+    for name in ("cut.jsonl.gz", "plain.jsonl.gz"):
+        with pytest.raises(ValueError, match=rf"{name}: unreadable reviews file"):
             ft.load_reviews(tmp_path / name)
 
 
@@ -173,3 +179,4 @@ def test_finetuning_lowers_heldout_loss_and_keeps_pretrained_experts(pretrained,
         assert any(not torch.equal(new[k], base[k]) for k in new)
     # the record is what load_gm still serves: gm.json lists only the pre-trained experts
     assert json.loads((out / "gm.json").read_text())["experts"] == ["expert_000", "expert_001"]
+

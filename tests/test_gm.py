@@ -3,9 +3,9 @@ once, compute adds up, a crashed run resumes bit-identically, experts are indepe
 serves them to the mixture, and two torchrun processes train different experts."""
 import hashlib
 import json
+import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -201,11 +201,13 @@ def test_torchrun_two_processes_train_different_experts(tiny_shards, tmp_path):
     if torchrun is None:
         pytest.skip("torchrun is not installed (it comes with torch)")
     cfg = tmp_path / "gm.yaml"
-    cfg.write_text(yaml.safe_dump({**SMALL, "n_experts": 4, "seed_steps": 0, "tokens": 8 * 8 * 64}))
+    # with a refinement: both ranks score their experts' columns, rank 0 re-routes, both go on
+    cfg.write_text(yaml.safe_dump({**SMALL, "n_experts": 4, "seed_steps": 0, "tokens": 8 * 8 * 64,
+                                   "refine_rounds": 1, "refine_docs": 16}))
     out = tmp_path / "gm"
     cmd = [torchrun, "--standalone", "--nproc_per_node=2", str(REPO_ROOT / "scripts" / "train_gm.py"),
            "--config", str(cfg), "--data", str(tiny_shards), "--out", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     s = json.loads((out / "gm.json").read_text())
     assert s["world_size"] == 2
@@ -214,3 +216,4 @@ def test_torchrun_two_processes_train_different_experts(tiny_shards, tmp_path):
     assert pids[0] != pids[1]  # two processes
     assert [r["experts"] for r in s["ranks"]] == [["expert_000", "expert_002"], ["expert_001", "expert_003"]]
     assert all(r["steps"] == 8 for r in s["records"])
+    assert s["router_path"] == "router/round_001" and len(list((out / "refine" / "round_001").glob("*.npy"))) == 4

@@ -256,6 +256,21 @@ def test_refine_pulls_the_prototype_toward_the_moved_documents(planted):
     assert r.scores([docs[i] for i in t0])[:, e].mean() > before
 
 
+def test_refined_prototype_is_halfway_to_its_new_documents(planted):
+    docs, _ = planted
+    r = make_router("local", 4, 400, balance="docs", **SMALL).fit(docs)
+    old = r.protos.copy()
+    target = np.arange(len(docs)) % 4
+    losses = np.where(np.arange(4) == target[:, None], 1.0, 2.0)
+    assert r.refine(docs, losses).tolist() == target.tolist()
+    codes = r.codes(docs)
+    for e in range(4):
+        x = np.zeros((len(docs), r.cfg.n_units))
+        np.put_along_axis(x, codes.astype(np.int64), 1 / math.sqrt(r.cfg.wta_k), axis=1)
+        # the old prototype weighs as much as the 40 new documents: exactly halfway
+        np.testing.assert_allclose(r.protos[e], 0.5 * old[e] + 0.5 * x[target == e].mean(0), atol=1e-12)
+
+
 @pytest.mark.parametrize("kind", ["local", "kmeans", "random"])
 def test_save_load_round_trip(planted, tmp_path, kind):
     docs, _ = planted
