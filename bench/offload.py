@@ -59,13 +59,15 @@ class Config:
     seed: int = 0
 
 
-def parse() -> tuple[Path, Config]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse(config_cls, doc: str) -> tuple[Path, object]:
+    """The command line of a bench script: the JSON file to write, then one --flag per field
+    of its Config dataclass, typed and defaulted by the field. bench/scale.py uses it too."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("out", type=Path, help="JSON file to write")
-    for f in fields(Config):
+    for f in fields(config_cls):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     a = p.parse_args()
-    return a.out, Config(**{f.name: getattr(a, f.name) for f in fields(Config)})
+    return a.out, config_cls(**{f.name: getattr(a, f.name) for f in fields(config_cls)})
 
 
 def log(*msg):
@@ -97,7 +99,7 @@ def init_expert(model: GPT, opt, seed: int):
 
 
 def main():
-    out, cfg = parse()
+    out, cfg = parse(Config, __doc__)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:

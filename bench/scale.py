@@ -27,7 +27,6 @@ experts (30.1B parameters) in about 40 s. The disk write-back of the experts bey
 tier (about 19 x 0.67 GB at 1.05 GB/s, 12 s) runs on the store's I/O thread meanwhile.
 Verification reads 71 experts from RAM (0.07 s each) and 19 from disk (0.55 s each): ~15 s.
 """
-import argparse
 import inspect
 import json
 import math
@@ -35,7 +34,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -46,6 +45,7 @@ from gmlib.model import GPT, make_config
 from gmlib.paths import work_dir
 from gmlib.runlog import device_name, git_commit
 from gmlib.store import ExpertStore, buffer_bytes
+from offload import log, parse  # bench/offload.py: the same command line and log lines
 
 GB = 1e9
 
@@ -66,19 +66,6 @@ class Config:
     store: str = ""               # empty: work/bench_scale/store
     fresh: int = 0                # 1: delete the store and progress first
     seed: int = 0
-
-
-def parse() -> tuple[Path, Config]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("out", type=Path, help="JSON file to write")
-    for f in fields(Config):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    a = p.parse_args()
-    return a.out, Config(**{f.name: getattr(a, f.name) for f in fields(Config)})
-
-
-def log(*msg):
-    print(time.strftime("%H:%M:%S"), *msg, flush=True)
 
 
 def peak_rss_gb() -> float:
@@ -102,7 +89,7 @@ def fingerprint(tensors: dict) -> int:
 
 
 def main():
-    out, cfg = parse()
+    out, cfg = parse(Config, __doc__)
     t_start = time.perf_counter()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -375,9 +375,16 @@ def load_gm(out_dir, device="cpu", gpu_bytes: int | None = None, ram_bytes: int 
 
 def mixture_loader(gm_root):
     """A gmlib.evaluate loader for specs {"kind": "gm", "run": <name under gm_root>, "k", "eta", ...}:
-    evaluate.LOADERS["gm"] = gm.mixture_loader(work_dir(run_name) / "gm")."""
+    evaluate.LOADERS["gm"] = gm.mixture_loader(work_dir(run_name) / "gm").
+    A spec with "expert": e gives that expert alone (a SingleLM, charged its own training seconds)."""
     def load(spec: dict, device):
-        from .mixture import MixtureConfig, MixtureLM
+        from .mixture import MixtureConfig, MixtureLM, SingleLM
+        if "expert" in spec:
+            _, load_expert, info = load_gm(Path(gm_root) / spec["run"], device, pool=1)
+            lm = SingleLM(load_expert(spec["expert"]))
+            lm.train_gpu_seconds = info["records"][spec["expert"]]["accounting"]["gpu_seconds"]
+            info["store"].close()
+            return lm
         mc = MixtureConfig(**{k: spec[k] for k in ("k", "eta", "temperature", "reroute_every") if k in spec})
         router, load_expert, info = load_gm(Path(gm_root) / spec["run"], device, pool=max(2, mc.k))
         lm = MixtureLM(load_expert, info["n_experts"], router, mc, base_prior=info["shares"],

@@ -9,6 +9,7 @@ Token counts stream through the memory-mapped shards, so any corpus size works.
 import numpy as np
 import pandas as pd
 
+from .assign import check_assign
 from .data import TokenShards
 
 
@@ -36,16 +37,9 @@ def nmi(a, b) -> float:
     return float(2 * mi / h) if h > 0 else 1.0
 
 
-def _check(assign, shards: TokenShards, n_experts):
-    assign = np.asarray(assign, np.int64)
-    if assign.shape != (shards.n_docs,) or (assign.size and (assign.min() < 0 or assign.max() >= n_experts)):
-        raise ValueError(f"{shards.root}: assignment must hold {shards.n_docs} expert ids in [0, {n_experts})")
-    return assign
-
-
 def token_counts(assign, shards: TokenShards, n_experts: int, chunk_docs: int = 20000) -> np.ndarray:
     """(n_experts, vocab) counts of each token among each expert's documents, bos excluded."""
-    assign = _check(assign, shards, n_experts)
+    assign = check_assign(assign, shards, n_experts)
     E, V = n_experts, shards.vocab_size
     counts = np.zeros((E + 1) * V, np.int64)  # row E collects the bos tokens, dropped at the end
     for s, tokens in enumerate(shards.tokens):
@@ -76,7 +70,7 @@ def top_tokens(counts: np.ndarray, n: int = 8) -> list[np.ndarray]:
 
 def source_tokens(assign, shards: TokenShards, n_experts: int) -> np.ndarray:
     """(n_experts, n_sources) tokens of each source routed to each expert."""
-    assign = _check(assign, shards, n_experts)
+    assign = check_assign(assign, shards, n_experts)
     S = len(shards.sources)
     return np.bincount(assign * S + shards.doc_source.astype(np.int64), shards.doc_end - shards.doc_start,
                        minlength=n_experts * S).reshape(n_experts, S)
@@ -85,7 +79,7 @@ def source_tokens(assign, shards: TokenShards, n_experts: int) -> np.ndarray:
 def routing_table(assign, shards: TokenShards, n_experts: int, decode_piece=None, n_tokens: int = 8,
                   n_sources: int = 3) -> pd.DataFrame:
     """One row per expert: docs, tokens, share (of tokens), doc_share, top tokens, top sources."""
-    assign = _check(assign, shards, n_experts)
+    assign = check_assign(assign, shards, n_experts)
     lengths = shards.doc_end - shards.doc_start
     docs = np.bincount(assign, minlength=n_experts)
     toks = np.bincount(assign, lengths, minlength=n_experts).astype(np.int64)
@@ -105,7 +99,7 @@ def routing_table(assign, shards: TokenShards, n_experts: int, decode_piece=None
 
 def routing_summary(assign, shards: TokenShards, n_experts: int) -> dict:
     """Balance by documents and by tokens, and NMI(expert; source): for metrics.json."""
-    assign = _check(assign, shards, n_experts)
+    assign = check_assign(assign, shards, n_experts)
     return {"docs": balance(assign, n_experts), "tokens": balance(assign, n_experts, shards.doc_end - shards.doc_start),
             "nmi_source": nmi(assign, shards.doc_source)}
 
@@ -128,17 +122,20 @@ def routing_figure(assign, shards: TokenShards, n_experts: int, title: str = "")
     share = src.sum(1) / max(src.sum(), 1)
     x = np.arange(n_experts)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [3, 2]})
-    colors = plt.get_cmap("tab20")(np.arange(len(shards.sources)) % 20)
+    # tab20 then tab20b: 40 distinct colours, enough for the corpus' 23 sources
+    palette = np.vstack([plt.get_cmap("tab20")(np.arange(20)), plt.get_cmap("tab20b")(np.arange(20))])
+    colors = palette[np.arange(len(shards.sources)) % len(palette)]
     bottom = np.zeros(n_experts)
     for s, name in enumerate(shards.sources):
         if frac[:, s].any():
             a1.bar(x, frac[:, s], bottom=bottom, color=colors[s], label=name)
             bottom += frac[:, s]
-    a1.set(xlabel="expert", ylabel="share of the expert's tokens", title=f"{title} source mix".strip(), ylim=(0, 1))
+    a1.set(xlabel="expert", ylabel="share of the expert's tokens", title=f"{title} source mix".strip(), ylim=(0, 1),
+           xticks=x)
     a1.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.18))
     a2.bar(x, share, color="tab:blue")
     a2.axhline(1 / n_experts, color="k", ls="--", label="ideal 1/E")
-    a2.set(xlabel="expert", ylabel="share of all tokens", title=f"{title} balance".strip())
+    a2.set(xlabel="expert", ylabel="share of all tokens", title=f"{title} balance".strip(), xticks=x)
     a2.legend()
     fig.tight_layout()
     return fig

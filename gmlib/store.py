@@ -3,16 +3,14 @@ with a byte budget; prefetch that overlaps copying with training; an account of 
 and how long the caller waited.
 
 An expert is a flat dict[str, Tensor] (gmlib.checkpoint.state_tensors: `model.*` weights,
-`optim.*` AdamW state) plus a small JSON-able meta dict. The store knows nothing of training:
-the caller decides what to put, what to prefetch and when.
+`optim.*` AdamW state) plus a small JSON-able meta dict, held in every tier as one flat byte
+buffer (gmlib.expert_layout). The store knows nothing of training: the caller decides what to
+put, what to prefetch and when.
 
 Tiers (least recently used first out):
-  disk  root/<name>/v000007.safetensors, one file per version, written atomically by a
-        background I/O thread; root/<name>/manifest.json lists the newest `keep_versions`
-        versions with size, CRC-32, tensor layout and meta. The manifest is rewritten only
-        after the file is complete, so a save killed midway leaves the previous version
-        current. A file that is truncated or fails its checksum is reported
-        (CorruptExpertWarning, naming the file) and the previous good version is used.
+  disk  one safetensors file per version with a manifest (gmlib.expert_files), written by a
+        background I/O thread. A damaged file is reported (CorruptExpertWarning, naming the
+        file) and the previous good version is used.
   ram   one flat byte buffer per expert. With a CUDA device it is pinned by cudaHostRegister
         (exact size; pin_memory() rounds every allocation up to a power of two). Evicting an
         expert that changed since it was last saved writes it to disk (write-back).
@@ -46,14 +44,8 @@ measured on the host: `get_s` is wall time in get(), which is the time the GPU w
 expert when the caller synchronises at segment ends.
 """
 import copy
-import json
-import math
-import re
-import struct
 import time
 import warnings
-import zlib
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import asdict, dataclass, field
@@ -62,37 +54,14 @@ from pathlib import Path
 
 import torch
 
-from . import atomic
-
-FORMAT = "gm-store-v1"
-OPTIM_PREFIX = "optim."
-ALIGN = 256                     # byte alignment of each tensor inside a flat buffer
-CHUNK = 16 << 20                # disk I/O and checksum granularity
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-
-# safetensors dtype names (https://github.com/huggingface/safetensors)
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-for _st, _attr in [("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"), ("U32", "uint32"),
-                   ("U64", "uint64")]:
-    if hasattr(torch, _attr):
-        _DTYPES[_st] = getattr(torch, _attr)
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-
-
-class StoreError(RuntimeError):
-    """A store operation that cannot succeed: unknown expert, budget too small, no good copy."""
+from . import expert_files
+from .expert_buffers import Buffer, Layout, StoreError, Tier, fits, host_buffer, plan
+from .expert_buffers import buffer_bytes  # noqa: F401  (part of this module's API)
+from .expert_files import check_meta, check_name
 
 
 class CorruptExpertWarning(UserWarning):
     """A damaged expert file was found and skipped; an older good version was used instead."""
-
-
-class CorruptFile(Exception):
-    def __init__(self, path, problem):
-        super().__init__(f"{path}: {problem}")
-        self.path = str(path)
 
 
 @dataclass
@@ -120,98 +89,13 @@ class StoreStats:
         return self.get_s + self.put_s
 
 
-class Layout:
-    """Where each tensor of an expert lives in its flat byte buffer: fields sorted by key, each
-    at an offset aligned to ALIGN bytes, so every view has a legal alignment for its dtype."""
-
-    def __init__(self, fields):
-        self.fields = tuple((str(k), str(d), tuple(int(s) for s in shape)) for k, d, shape in fields)
-        self.spans, pos = [], 0
-        for k, d, shape in self.fields:
-            if d not in _DTYPES:
-                raise StoreError(f"tensor {k!r}: unsupported dtype {d}")
-            nb = math.prod(shape) * _DTYPES[d].itemsize
-            self.spans.append((pos, nb))
-            pos = -(-(pos + nb) // ALIGN) * ALIGN
-        self.total = pos                                  # buffer size
-        self.data_bytes = sum(nb for _, nb in self.spans)  # tensor bytes
-
-    def __eq__(self, other):
-        return isinstance(other, Layout) and self.fields == other.fields
-
-    def views(self, buf: torch.Tensor) -> dict:
-        return {k: buf[o:o + nb].view(_DTYPES[d]).view(shape) for (k, d, shape), (o, nb) in zip(self.fields, self.spans)}
-
-    def to_json(self):
-        return [[k, d, list(s)] for k, d, s in self.fields]
-
-
-class _Buf:
-    """A flat uint8 buffer of one tier and the work that may still be using it."""
-
-    def __init__(self, data: torch.Tensor, pinned: bool = False):
-        self.data, self.pinned = data, pinned
-        self.future = None   # a job on the I/O thread that reads or writes it
-        self.event = None    # the CUDA copy into or out of it that was queued last
-
-    @property
-    def capacity(self) -> int:
-        return self.data.numel()
-
-    def wait_job(self):
-        if self.future is not None:
-            wait_futures([self.future])
-
-    def wait_all(self):
-        self.wait_job()
-        if self.event is not None:
-            self.event.synchronize()
-
-
 @dataclass
 class _Entry:
     layout: Layout
     meta: dict
-    buf: _Buf
+    buf: Buffer
     dirty: bool = False  # RAM: newer than the newest version on disk
     ready: object = None  # GPU tier: the CUDA event after which the data is in place (None: already)
-
-
-class _Tier:
-    """An LRU of entries under a byte budget, with a free list of buffers kept for reuse."""
-
-    def __init__(self, name: str, budget: int, new_buffer, release):
-        self.name, self.budget, self._new, self._release = name, int(budget), new_buffer, release
-        self.entries = OrderedDict()   # name -> _Entry, least recently used first
-        self.free, self.used = [], 0
-
-    def alloc(self, nbytes: int, evict, protect=()) -> _Buf:
-        if nbytes > self.budget:
-            raise StoreError(f"the {self.name} tier's budget of {self.budget} bytes cannot hold an expert of {nbytes} bytes")
-        while True:
-            fit = [b for b in self.free if nbytes <= b.capacity <= 2 * nbytes + ALIGN]
-            if fit:  # prefer one that nothing uses any more (a write-back may still be reading one)
-                buf = min(fit, key=lambda b: (b.future is not None and not b.future.done(), b.capacity))
-                self.free.remove(buf)
-                return buf
-            if self.used + nbytes <= self.budget:
-                buf = self._new(nbytes)
-                self.used += nbytes
-                return buf
-            if self.free:  # buffers of the wrong size: give their bytes back
-                buf = max(self.free, key=lambda b: b.capacity)
-                self.free.remove(buf)
-                self.drop(buf)
-                continue
-            victim = next((n for n in self.entries if n not in protect), None)
-            if victim is None:
-                raise StoreError(f"the {self.name} tier ({self.budget} bytes) has no room for {nbytes} bytes: "
-                                 f"its experts {list(self.entries)} are all in use")
-            evict(victim)
-
-    def drop(self, buf: _Buf):
-        self.used -= buf.capacity
-        self._release(buf)
 
 
 class ExpertStore:
@@ -228,8 +112,8 @@ class ExpertStore:
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda and device.index is None else device
         self.pin = self.cuda if pin is None else bool(pin) and self.cuda
         self.keep_versions = max(1, int(keep_versions))
-        self.ram = _Tier("ram", ram_bytes, self._new_host, self._release_host)
-        self.dev = _Tier("gpu" if self.cuda else "device", gpu_bytes, self._new_dev, self._release_dev)
+        self.ram = Tier("ram", ram_bytes, self._new_host)
+        self.dev = Tier("gpu" if self.cuda else "device", gpu_bytes, self._new_dev)
         self.stats = StoreStats()
         self._side = torch.cuda.Stream(self.device) if self.cuda else None
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gm-store-io")  # FIFO: order matters
@@ -261,16 +145,15 @@ class ExpertStore:
         `optim.*`; keep_optimizer=False drops `optim.*`. It goes to RAM (and, when the tensors are
         on the device, a GPU slot); disk follows on eviction, flush(), or now if `durable`."""
         t0 = time.perf_counter()
-        _check_name(name)
-        meta = _check_meta(name, meta)
-        layout, keep = _plan(tensors, dtype, keep_optimizer, name)
+        check_name(name)
+        meta = check_meta(name, meta)
+        layout, keep = plan(tensors, dtype, keep_optimizer, name)
         if layout.total > self.ram.budget:
             raise StoreError(f"expert {name!r}: the ram tier's budget of {self.ram.budget} bytes cannot hold "
                              f"its {layout.total} bytes")
         self._poll()
-        old_dev, old_ram = self.dev.entries.pop(name, None), self.ram.entries.pop(name, None)
-        if old_ram is not None:
-            self.ram.free.append(old_ram.buf)  # superseded; a write of it in flight finishes first
+        old_dev = self.dev.entries.pop(name, None)
+        self.ram.discard(name)  # superseded; a write of it in flight finishes first
         slot = None
         if any(t.device == self.device for t in keep.values()):
             slot = self._slot_for_put(old_dev, layout.total)
@@ -301,7 +184,7 @@ class ExpertStore:
         """(tensors on the device, meta) of the newest version. The tensors are views into the
         expert's slot: copy them into your model (see the module docstring for how long they last)."""
         t0 = time.perf_counter()
-        _check_name(name)
+        check_name(name)
         self._poll()
         self._held = None  # the previous expert's views expire now
         e = self.dev.entries.get(name)
@@ -335,7 +218,7 @@ class ExpertStore:
         """Start bringing `name` to the GPU tier without waiting: from RAM, a copy on the side
         stream; from disk, a read on the I/O thread followed by that copy. Without room on the
         GPU tier (its slots in use), the expert is only brought to RAM."""
-        _check_name(name)
+        check_name(name)
         self._poll()
         self.stats.prefetches += 1
         if name in self.dev.entries:
@@ -346,15 +229,10 @@ class ExpertStore:
     def evict(self, name: str):
         """Drop `name` from the GPU and RAM tiers, writing it to disk first if it changed."""
         self._poll()
-        d, r = self.dev.entries.pop(name, None), self.ram.entries.pop(name, None)
-        if d is not None:
-            self.dev.free.append(d.buf)
-            self.stats.evictions["dev"] += 1
-        if r is not None:
-            if r.dirty:
-                self._write_back(name, r)
-            self.ram.free.append(r.buf)
-            self.stats.evictions["ram"] += 1
+        if name in self.dev.entries:
+            self._evict_dev(name)
+        if name in self.ram.entries:
+            self._evict_ram(name)
         if self._held == name:
             self._held = None
         wait_futures(self._writing.get(name, []))
@@ -376,18 +254,9 @@ class ExpertStore:
         (for export and checks). Damaged versions are skipped with a CorruptExpertWarning."""
         wait_futures(self._writing.get(name, []))
         self._poll()
-        problems = []
-        for rec in self._records(name):
-            layout = Layout(rec["layout"])
-            buf = torch.empty(layout.total, dtype=torch.uint8)
-            try:
-                _read_file(self.root / name / rec["file"], rec, layout, buf)
-            except CorruptFile as err:
-                problems.append(err)
-                continue
-            self._report(problems)
-            return layout.views(buf), copy.deepcopy(rec["meta"])
-        raise StoreError(f"expert {name!r}: no good copy on disk: " + "; ".join(map(str, problems)))
+        rec, layout, buf, problems = expert_files.read_newest(self.root / name, self._records(name), _host_buffer)
+        self._report(problems)
+        return layout.views(buf), copy.deepcopy(rec["meta"])
 
     def verify(self, names=None) -> list[str]:
         """Check every version file on disk (size, header, CRC-32) of `names` (default: all).
@@ -402,11 +271,7 @@ class ExpertStore:
             except StoreError as err:
                 problems.append(str(err))
                 continue
-            for rec in records:
-                try:
-                    _read_file(self.root / name / rec["file"], rec, Layout(rec["layout"]), None)
-                except CorruptFile as err:
-                    problems.append(str(err))
+            problems += expert_files.check_versions(self.root / name, records)
         return problems
 
     def summary(self) -> dict:
@@ -428,11 +293,8 @@ class ExpertStore:
         else:
             wait_futures([f for f, _ in self._jobs])
         self._io.shutdown(wait=True)
-        for tier in (self.dev, self.ram):
-            for buf in [e.buf for e in tier.entries.values()] + tier.free:
-                tier.drop(buf)
-            tier.entries.clear()
-            tier.free.clear()
+        self.dev.clear()
+        self.ram.clear()
 
     def __enter__(self):
         return self
@@ -441,73 +303,47 @@ class ExpertStore:
         self.close()
 
     # ---------------------------------------------------------------- buffers
-    def _new_host(self, nbytes) -> _Buf:
-        data = torch.empty(nbytes, dtype=torch.uint8)
+    def _new_host(self, nbytes) -> Buffer:
         self.stats.allocs["ram"] += 1
-        if not self.pin or nbytes == 0:
-            return _Buf(data)
-        try:
-            with torch.cuda.device(self.device):
-                rc = torch.cuda.cudart().cudaHostRegister(data.data_ptr(), nbytes, 0)
-            if int(getattr(rc, "value", rc)) == 0:
-                return _Buf(data, pinned=True)
-        except (AttributeError, RuntimeError, TypeError) as err:
-            rc = err
-        warnings.warn(f"cudaHostRegister of {nbytes} bytes failed ({rc}); using pin_memory(), which rounds up")
-        return _Buf(data.pin_memory())
+        return host_buffer(nbytes, self.device if self.pin else None)
 
-    def _release_host(self, buf: _Buf):
-        buf.wait_all()
-        if buf.pinned:
-            with torch.cuda.device(self.device):
-                torch.cuda.cudart().cudaHostUnregister(buf.data.data_ptr())
-        buf.data = None
-
-    def _new_dev(self, nbytes) -> _Buf:
+    def _new_dev(self, nbytes) -> Buffer:
         self.stats.allocs["dev"] += 1
-        return _Buf(torch.empty(nbytes, dtype=torch.uint8, device=self.device))
+        return Buffer(torch.empty(nbytes, dtype=torch.uint8, device=self.device))
 
-    def _release_dev(self, buf: _Buf):
-        buf.wait_all()  # the caching allocator may hand the memory out at once
-        buf.data = None
-
-    def _ram_alloc(self, nbytes) -> _Buf:
+    def _ram_alloc(self, nbytes) -> Buffer:
         buf = self.ram.alloc(nbytes, self._evict_ram)
         buf.wait_all()  # host code may write it next: nothing may still read or fill it
         buf.future = buf.event = None
         return buf
 
-    def _dev_alloc(self, nbytes) -> _Buf:
+    def _dev_alloc(self, nbytes) -> Buffer:
         buf = self.dev.alloc(nbytes, self._evict_dev, protect={self._held})
         buf.wait_job()  # CUDA copies still queued on it are ordered by the streams (buf.event)
         buf.future = None
         return buf
 
-    def _slot_for_put(self, old: _Entry | None, nbytes: int) -> _Buf | None:
-        if old is not None and nbytes <= old.buf.capacity <= 2 * nbytes + ALIGN:
+    def _slot_for_put(self, old: _Entry | None, nbytes: int) -> Buffer | None:
+        if old is not None and fits(old.buf.capacity, nbytes):
             old.buf.wait_job()
             old.buf.future = None
             return old.buf
         if old is not None:
             self.dev.free.append(old.buf)
-        try:
-            return self._dev_alloc(nbytes)
-        except StoreError:
-            return None  # no room on the device: put() copies straight to RAM
+        return self._try_dev(nbytes, need=False)  # None: no room on the device, put() copies straight to RAM
 
     def _evict_dev(self, name):
-        self.dev.free.append(self.dev.entries.pop(name).buf)
+        self.dev.discard(name)
         self.stats.evictions["dev"] += 1
 
     def _evict_ram(self, name):
-        e = self.ram.entries.pop(name)
+        e = self.ram.discard(name)
         if e.dirty:
             self._write_back(name, e)
-        self.ram.free.append(e.buf)
         self.stats.evictions["ram"] += 1
 
     # ---------------------------------------------------------------- copies between tiers
-    def _copy(self, dst: _Buf, src: _Buf, layout: Layout, counter: str):
+    def _copy(self, dst: Buffer, src: Buffer, layout: Layout, counter: str):
         """dst <- src (whole buffers): synchronous on CPU, on the side stream with CUDA."""
         n = layout.total
         if not self.cuda:
@@ -528,7 +364,7 @@ class ExpertStore:
         setattr(self.stats, counter, getattr(self.stats, counter) + layout.data_bytes)
         return end if self.cuda else None
 
-    def _job_copy(self, dst: _Buf, src: _Buf, layout: Layout, after, events) -> float:
+    def _job_copy(self, dst: Buffer, src: Buffer, layout: Layout, after, events) -> float:
         """On the I/O thread: dst <- src, once the caller's stream has reached event `after`."""
         n = layout.total
         if not self.cuda:
@@ -588,7 +424,7 @@ class ExpertStore:
         e = self.dev.entries[name] = _Entry(layout, ram.meta, slot, ready=slot.event)
         return e
 
-    def _try_dev(self, nbytes, need: bool) -> _Buf | None:
+    def _try_dev(self, nbytes, need: bool) -> Buffer | None:
         try:
             return self._dev_alloc(nbytes)
         except StoreError:
@@ -599,27 +435,14 @@ class ExpertStore:
     # ---------------------------------------------------------------- disk
     def _records(self, name) -> list[dict]:
         wait_futures(self._writing.get(name, []))
-        man = self._manifest(name)
+        man = expert_files.read_manifest(self.root / name)
         if man is None or not man["versions"]:
             raise StoreError(f"no expert named {name!r} in the store {self.root}")
         return man["versions"]
 
-    def _manifest(self, name) -> dict | None:
-        path = self.root / name / "manifest.json"
-        if not path.is_file():
-            return None
-        try:
-            man = json.loads(path.read_text())
-            if man.get("format") != FORMAT or not isinstance(man.get("versions"), list):
-                raise ValueError(f"format {man.get('format')!r}, expected {FORMAT!r}")
-        except ValueError as err:
-            files = sorted(p.name for p in path.parent.glob("v*.safetensors"))
-            raise StoreError(f"{path}: unreadable store manifest ({err}); version files beside it: {files}") from err
-        return man
-
     def _write_back(self, name, e: _Entry):
         if name not in self._version:
-            man = self._manifest(name)
+            man = expert_files.read_manifest(self.root / name)
             self._version[name] = max((r["version"] for r in man["versions"]), default=0) if man else 0
         self._version[name] += 1
         e.dirty = False
@@ -629,51 +452,24 @@ class ExpertStore:
         self._writing.setdefault(name, []).append(fut)
         self._jobs.append((fut, partial(self._written, name, e)))
 
-    def _write_job(self, name, version, layout, meta, buf, event):
-        """On the I/O thread: the version file (atomically), then the manifest, then old files."""
+    def _write_job(self, name, version, layout, meta, buf, event) -> float:
+        """On the I/O thread: the version file, once the device-to-host copy into buf is done."""
         if event is not None:
-            event.synchronize()  # the device-to-host copy into buf has finished
-        folder = self.root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(".*.tmp"):  # left by a save that was killed
-            stale.unlink(missing_ok=True)
-        t0 = time.perf_counter()
-        fname = f"v{version:06d}.safetensors"
-        with atomic.atomic_path(folder / fname) as tmp:
-            size, crc = _write_file(tmp, layout, meta, buf.data)
-        rec = {"version": version, "file": fname, "bytes": size, "crc32": crc, "layout": layout.to_json(),
-               "meta": meta, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        man = self._manifest(name) or {"versions": []}
-        older = [r for r in man["versions"] if r["version"] != version]
-        for r in older:
-            if str(folder / r["file"]) in self._bad:  # keep damaged files for inspection, out of the list
-                (folder / r["file"]).replace(folder / (r["file"] + ".corrupt"))
-        older = [r for r in older if str(folder / r["file"]) not in self._bad]
-        keep = [rec] + older[:self.keep_versions - 1]
-        atomic.write_json(folder / "manifest.json", {"format": FORMAT, "name": name, "versions": keep})
-        for r in older[self.keep_versions - 1:]:
-            (folder / r["file"]).unlink(missing_ok=True)
-        return {"bytes": layout.data_bytes, "seconds": time.perf_counter() - t0}
+            event.synchronize()
+        return expert_files.write_version(self.root / name, version, layout, meta, buf.data, self.keep_versions,
+                                          bad=self._bad)
 
     def _load_job(self, name, records, rbuf, slot, layout, after, events):
         """On the I/O thread: the newest good version into rbuf (or a new buffer when an older
         version has another layout), then into the GPU slot."""
-        problems = []
-        for rec in records:
-            lay = Layout(rec["layout"])
-            target = rbuf.data if lay == layout else torch.empty(lay.total, dtype=torch.uint8)
-            t0 = time.perf_counter()
-            try:
-                _read_file(self.root / name / rec["file"], rec, lay, target)
-            except CorruptFile as err:
-                problems.append(err)
-                continue
-            out = {"rec": rec, "layout": lay, "data": target, "problems": problems,
-                   "read_s": time.perf_counter() - t0, "copy_s": 0.0, "copied": False}
-            if slot is not None and lay == layout:
-                out["copy_s"], out["copied"] = self._job_copy(slot, rbuf, layout, after, events), True
-            return out
-        raise StoreError(f"expert {name!r}: no good copy on disk: " + "; ".join(map(str, problems)))
+        t0 = time.perf_counter()
+        rec, lay, data, problems = expert_files.read_newest(
+            self.root / name, records, lambda lay: rbuf.data if lay == layout else _host_buffer(lay))
+        out = {"rec": rec, "layout": lay, "data": data, "problems": problems,
+               "read_s": time.perf_counter() - t0, "copy_s": 0.0, "copied": False}
+        if slot is not None and lay == layout:
+            out["copy_s"], out["copied"] = self._job_copy(slot, rbuf, layout, after, events), True
+        return out
 
     # ---------------------------------------------------------------- completions (caller's thread)
     def _poll(self):
@@ -716,18 +512,17 @@ class ExpertStore:
                 e.dirty = True
             raise StoreError(f"writing expert {name!r} to {self.root / name} failed"
                              f"{' and its RAM copy is gone' if lost else ''}: {fut.exception()}") from fut.exception()
-        res = fut.result()
-        self.stats.bytes_to_disk += res["bytes"]
-        self.stats.disk_write_s += res["seconds"]
+        self.stats.bytes_to_disk += e.layout.data_bytes
+        self.stats.disk_write_s += fut.result()
 
     def _loaded(self, name, ram: _Entry, fut):
         dev = self.dev.entries.get(name)
         dev = dev if dev is not None and dev.buf.future is fut else None
         if fut.exception() is not None:  # no good copy: forget the entries; get() raises the error
             if self.ram.entries.get(name) is ram:
-                self.ram.free.append(self.ram.entries.pop(name).buf)
+                self.ram.discard(name)
             if dev is not None:
-                self.dev.free.append(self.dev.entries.pop(name).buf)
+                self.dev.discard(name)
             return
         res = fut.result()
         self._report(res["problems"])
@@ -745,114 +540,10 @@ class ExpertStore:
         # an older version with another layout was used: adopt its buffer, redo the GPU copy
         if self.ram.entries.get(name) is ram:
             self.ram.free.append(ram.buf)
-            nb = _Buf(res["data"])
-            self.ram.used += nb.capacity
-            self.ram.entries[name] = _Entry(res["layout"], meta, nb)
+            self.ram.adopt(name, _Entry(res["layout"], meta, Buffer(res["data"])))
         if dev is not None:
-            self.dev.free.append(self.dev.entries.pop(name).buf)
+            self.dev.discard(name)
 
 
-def buffer_bytes(tensors: dict, dtype: torch.dtype | None = None, keep_optimizer: bool = True) -> int:
-    """Bytes one expert takes in a tier when put with this policy: set budgets in experts."""
-    return _plan(tensors, dtype, keep_optimizer)[0].total
-
-
-def _plan(tensors: dict, dtype, keep_optimizer: bool, name="?") -> tuple[Layout, dict]:
-    """The layout an expert is stored in under the put() policy, and the tensors it keeps."""
-    keep = {}
-    for k, t in tensors.items():
-        if not isinstance(k, str) or not isinstance(t, torch.Tensor):
-            raise StoreError(f"expert {name!r}: tensors must map str to torch.Tensor, got {k!r}: {type(t).__name__}")
-        if keep_optimizer or not k.startswith(OPTIM_PREFIX):
-            keep[k] = t.detach()
-    keep = dict(sorted(keep.items()))
-
-    def stored(k, t):
-        d = dtype if dtype is not None and t.is_floating_point() and not k.startswith(OPTIM_PREFIX) else t.dtype
-        if d not in _DTYPE_NAMES:
-            raise StoreError(f"expert {name!r}: tensor {k!r} has unsupported dtype {d}")
-        return _DTYPE_NAMES[d]
-    return Layout((k, stored(k, t), t.shape) for k, t in keep.items()), keep
-
-
-# -------------------------------------------------------------------- file format
-def _check_name(name):
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise StoreError(f"bad expert name {name!r}: use 1-128 letters, digits, '_', '.', '-' (not starting with '.')")
-
-
-def _check_meta(name, meta) -> dict:
-    meta = {} if meta is None else meta
-    try:
-        return json.loads(json.dumps(meta, default=atomic._jsonable))
-    except (TypeError, ValueError) as err:
-        raise StoreError(f"expert {name!r}: meta must be JSON-serialisable: {err}") from err
-
-
-def _write_file(path, layout: Layout, meta: dict, data: torch.Tensor) -> tuple[int, int]:
-    """A safetensors file (tensors back to back, header padded to 8 bytes) written straight
-    from the flat buffer; returns (size, CRC-32 of the whole file). Written here rather than by
-    safetensors.torch.save_file to avoid a full in-memory copy and a second pass for the checksum."""
-    header, pos = {}, 0
-    for (k, d, shape), (_, nb) in zip(layout.fields, layout.spans):
-        header[k] = {"dtype": d, "shape": list(shape), "data_offsets": [pos, pos + nb]}
-        pos += nb
-    header["__metadata__"] = {"format": FORMAT, "meta": json.dumps(meta, ensure_ascii=False)}
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * (-len(hb) % 8)
-    prefix = struct.pack("<Q", len(hb)) + hb
-    crc = zlib.crc32(prefix)
-    mv = memoryview(data.numpy())
-    with open(path, "wb") as f:
-        f.write(prefix)
-        for off, nb in layout.spans:
-            crc = _write_span(f, mv[off:off + nb], crc)
-    return len(prefix) + pos, crc
-
-
-def _write_span(f, mv, crc) -> int:
-    for i in range(0, len(mv), CHUNK):
-        piece = mv[i:i + CHUNK]
-        f.write(piece)
-        crc = zlib.crc32(piece, crc)
-    return crc
-
-
-def _read_file(path, rec: dict, layout: Layout, target: torch.Tensor | None):
-    """Read a version file into `target` (or only check it, if None), verifying its size,
-    header and CRC-32 against the manifest record. Raises CorruptFile naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CorruptFile(path, "missing")
-    size = path.stat().st_size
-    if size != rec["bytes"]:
-        raise CorruptFile(path, f"{size} bytes but the manifest says {rec['bytes']} (truncated or half-written)")
-    scratch = None if target is not None else bytearray(min(CHUNK, max(nb for _, nb in layout.spans or [(0, 1)])))
-    mv = memoryview(target.numpy()) if target is not None else None
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > size - 8:
-            raise CorruptFile(path, f"header length {n} exceeds the file")
-        hb = f.read(n)
-        crc = zlib.crc32(struct.pack("<Q", n) + hb)
-        try:
-            header = json.loads(hb)
-            pos = 0
-            for (k, d, shape), (_, nb) in zip(layout.fields, layout.spans):
-                h = header[k]
-                if h["dtype"] != d or tuple(h["shape"]) != shape or h["data_offsets"] != [pos, pos + nb]:
-                    raise ValueError(f"tensor {k!r} differs from the manifest")
-                pos += nb
-            if len(header) - ("__metadata__" in header) != len(layout.fields):
-                raise ValueError("it holds other tensors than the manifest lists")
-        except (ValueError, KeyError, TypeError) as err:
-            raise CorruptFile(path, f"bad header ({err})") from err
-        for off, nb in layout.spans:
-            for i in range(0, nb, CHUNK):
-                m = min(CHUNK, nb - i)
-                piece = mv[off + i:off + i + m] if mv is not None else memoryview(scratch)[:m]
-                if f.readinto(piece) != m:
-                    raise CorruptFile(path, "ends early (truncated)")
-                crc = zlib.crc32(piece, crc)
-    if crc != rec["crc32"]:
-        raise CorruptFile(path, f"checksum mismatch (CRC-32 {crc:08x}, manifest {rec['crc32']:08x}): the file is corrupted")
+def _host_buffer(layout: Layout) -> torch.Tensor:
+    return torch.empty(layout.total, dtype=torch.uint8)

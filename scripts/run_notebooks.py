@@ -16,6 +16,8 @@ import papermill as pm
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from gmlib.paths import results_dir  # noqa: E402  (honours GM_RESULTS_DIR, as the notebooks do)
 
 
 def main(argv=None):
@@ -32,8 +34,7 @@ def main(argv=None):
         notebooks = [nb for nb in notebooks if nb.name[:2] in args.only]
     if not notebooks:
         sys.exit("no notebooks selected")
-    out_dir = REPO / "results" / args.run_name
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = results_dir(args.run_name)
     common = {k: yaml.safe_load(v) for k, v in args.param}
     for nb in notebooks:
         params = {"run_name": args.run_name, **common}
@@ -42,7 +43,7 @@ def main(argv=None):
             if f.is_file():
                 params.update(yaml.safe_load(f.read_text()) or {})
         t0 = time.time()
-        print(f"== {nb.name} -> {out_dir.relative_to(REPO)}/{nb.name}  {params}", flush=True)
+        print(f"== {nb.name} -> {out_dir / nb.name}  {params}", flush=True)
         pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters=params, kernel_name="python3",
                             cwd=str(REPO / "notebooks"), progress_bar=False)
         print(f"   done in {time.time() - t0:.1f} s", flush=True)

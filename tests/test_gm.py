@@ -76,7 +76,7 @@ def test_experts_learn_their_own_data(main_run):
     for r in s["records"]:
         assert r["steps"] == r["max_steps"] >= 10, r["name"]
         # each expert's held-out loss on its own routed val documents fell well below its start
-        assert r["val_loss"] < r["val_loss_start"] - 1.0, (r["name"], r["val_loss_start"], r["val_loss"])
+        assert r["val_loss"] < r["val_loss_start"] - 0.5, (r["name"], r["val_loss_start"], r["val_loss"])
     # budgets follow the shares: steps = round(tokens * share / tokens per step)
     tok_step = 8 * 64
     assert [r["max_steps"] for r in s["records"]] == [max(1, round(MAIN["tokens"] * sh / tok_step)) for sh in s["shares"]]

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import gmlib.store as store_mod
+import gmlib.expert_files as files_mod
 from gmlib.paths import REPO_ROOT
 from gmlib.store import CorruptExpertWarning, ExpertStore, StoreError, buffer_bytes
 
@@ -207,12 +207,12 @@ def test_save_failing_midway_keeps_previous_copy(tmp_path, monkeypatch):
     st = ExpertStore(tmp_path, ram_bytes=1 << 20, gpu_bytes=1 << 20)
     st.put("e", v1, durable=True)
     st.flush()
-    real = store_mod._write_span
+    real = files_mod._write_span
 
     def disk_full(f, mv, crc):
         f.write(mv[: len(mv) // 2])
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(store_mod, "_write_span", disk_full)
+    monkeypatch.setattr(files_mod, "_write_span", disk_full)
     st.put("e", v2)
     with pytest.raises(StoreError, match="writing expert 'e'.*No space left"):
         st.flush()
@@ -221,7 +221,7 @@ def test_save_failing_midway_keeps_previous_copy(tmp_path, monkeypatch):
     with ExpertStore(tmp_path, ram_bytes=1 << 20, gpu_bytes=1 << 20) as other:
         assert_same(other.get("e")[0], v1)                # on disk: the previous good copy
     assert_same(st.get("e")[0], v2)                       # in RAM: the new one, still to be saved
-    monkeypatch.setattr(store_mod, "_write_span", real)
+    monkeypatch.setattr(files_mod, "_write_span", real)
     st.flush()
     assert _versions(tmp_path, "e") == [3, 1]             # version 2 was never completed
     st.close()
@@ -229,19 +229,19 @@ def test_save_failing_midway_keeps_previous_copy(tmp_path, monkeypatch):
 
 KILLED_WRITER = textwrap.dedent("""
     import sys, time, torch
-    import gmlib.store as S
+    import gmlib.expert_files as F, gmlib.store as S
     def ex(seed):
         g = torch.Generator().manual_seed(seed)
         return {"model.w": torch.randn(256, 256, generator=g), "model.b": torch.randn(256, generator=g).bfloat16()}
     st = S.ExpertStore(sys.argv[1], 1 << 24, 1 << 24)
     st.put("e", ex(1), durable=True)
     st.flush()
-    real = S._write_span
+    real = F._write_span
     def slow(f, mv, crc):
         f.write(mv[: len(mv) // 2]); f.flush()
         print("mid-write", flush=True)
         time.sleep(120)
-    S._write_span = slow
+    F._write_span = slow
     st.put("e", ex(2), durable=True)
     st.flush()
 """)
