@@ -17,11 +17,13 @@ $(VENV): requirements.txt pyproject.toml
 	touch $@
 
 demo: $(VENV)
+	mkdir -p .cache
 	$(PY) scripts/run_notebooks.py --run-name demo
 
 # tests write into .cache/test-*, never into results/ or work/
 test: $(VENV)
 	rm -rf .cache/test-results .cache/test-work
+	mkdir -p .cache
 	GM_RESULTS_DIR=$(CURDIR)/.cache/test-results GM_WORK_DIR=$(CURDIR)/.cache/test-work \
 	  $(PY) -m pytest -q tests
 	GM_RESULTS_DIR=$(CURDIR)/.cache/test-results GM_WORK_DIR=$(CURDIR)/.cache/test-work \
