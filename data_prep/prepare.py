@@ -256,17 +256,12 @@ def prepare(cfg: DataConfig, clean_dir: Path, log=print) -> dict:
     clean_dir = Path(clean_dir)
     t0 = time.time()
     filtered = {}
-    pool = stages.make_pool(cfg.workers, _init_worker, (cfg.clean, cfg.dedup))
-    try:
+    with stages.worker_pool(cfg.workers, _init_worker, (cfg.clean, cfg.dedup)) as pool:
         for s in cfg.sources:
             filtered[s] = filter_source(s, cfg, clean_dir / "filtered", pool)
             f = filtered[s]
             log(f"filter {s:38s} {f['docs_in']:7d} docs {f['bytes_in'] / 1e6:8.2f} MB -> {f['docs_kept']:7d} docs "
                 f"{f['bytes_kept'] / 1e6:8.2f} MB  ({f['seconds']:.0f} s)")
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
     t1 = time.time()
     dd = dedup_all(cfg, filtered, clean_dir)
     log(f"dedup: {sum(len(v) for r in dd['removed'].values() for v in r.values())} of {dd['n_docs']} documents removed")

@@ -93,16 +93,11 @@ def _encode_batch_docs(batch):
 
 def tokenize_all(clean_dir, model_path, out_root, cfg: ShardConfig | None = None, log=print) -> dict:
     cfg = cfg or ShardConfig()
-    pool = stages.make_pool(cfg.workers, _init_worker, (str(model_path),))
     out = {}
-    try:
+    with stages.worker_pool(cfg.workers, _init_worker, (str(model_path),)) as pool:
         for split in SPLITS:
             out[split] = tokenize_split(clean_dir, split, model_path, out_root, cfg, pool)
             m = out[split]
             log(f"shards {split:5s}: {m['n_docs']} docs, {m['n_tokens']} tokens, {m['n_bytes'] / 1e6:.2f} MB "
                 f"({m['seconds']:.0f} s)")
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
     return out

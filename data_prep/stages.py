@@ -3,6 +3,7 @@ holds the hash of the parameters that produced it. Markers are written atomicall
 so a killed run leaves either a finished stage or one that is redone on the next run."""
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
@@ -63,13 +64,20 @@ def ordered_map(pool, fn, tasks, depth: int = 4):
         yield t0, r.get()
 
 
-def make_pool(workers: int, initializer=None, initargs=()):
-    """A process pool (fork where available: no re-import cost), or None for workers <= 1,
-    in which case the initializer runs here."""
+@contextmanager
+def worker_pool(workers: int, initializer=None, initargs=()):
+    """A process pool (fork where available: no re-import cost), closed and joined on exit;
+    None for workers <= 1, in which case the initializer runs here."""
     import multiprocessing as mp
     if workers <= 1:
         if initializer:
             initializer(*initargs)
-        return None
+        yield None
+        return
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    return ctx.Pool(workers, initializer=initializer, initargs=initargs)
+    pool = ctx.Pool(workers, initializer=initializer, initargs=initargs)
+    try:
+        yield pool
+    finally:
+        pool.close()
+        pool.join()

@@ -92,3 +92,13 @@ def tiny_shards(real_docs, tiny_tokenizer_path, tmp_path_factory):
                 w.add([sp.bos_id()] + sp.encode(d["text"]), source=names.index(d["source"]),
                       nbytes=len(d["text"].encode("utf-8")))
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models train fastest on one torch thread (and the CPU is shared); restored after."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

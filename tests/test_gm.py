@@ -28,13 +28,7 @@ SMALL = dict(n_experts=3, router="random", model={"seq_len": 64}, budget="fixed"
              segment_steps=6, seed_steps=6, device="cpu", **TRAIN)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread (and the CPU is shared with other jobs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def weights(out, name):
