@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, load_model, read_meta
 from .data import TokenShards
 from .mixture import MixtureConfig, MixtureLM, SingleLM
 
@@ -328,19 +328,13 @@ def _load_mixture(spec: dict, device):
     at most k experts are kept loaded (an LRU of checkpoints)."""
     paths = list(spec["experts"])
     cfg = MixtureConfig(**{k: spec[k] for k in ("k", "eta", "temperature", "reroute_every") if k in spec})
-    metas = {}
 
     @lru_cache(maxsize=cfg.k)
     def load_expert(e):
-        model, metas[e] = load_checkpoint(paths[e], device=device)
-        return model.eval()
+        return load_model(paths[e], device=device)
 
     lm = MixtureLM(load_expert, len(paths), router=spec.get("router"), cfg=cfg, base_prior=spec.get("base_prior"))
-    secs = []
-    for e in range(len(paths)):
-        if e not in metas:
-            load_expert(e)
-        secs.append((metas[e].get("accounting") or {}).get("gpu_seconds"))
+    secs = [(read_meta(p).get("accounting") or {}).get("gpu_seconds") for p in paths]  # headers only
     lm.train_gpu_seconds = None if None in secs else float(sum(secs))
     return lm
 
