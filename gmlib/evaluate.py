@@ -369,3 +369,18 @@ def metrics_record(quality_df: pd.DataFrame, parus: dict) -> dict:
                               "train_gpu_seconds": None if pd.isna(r["train_gpu_seconds"]) else float(r["train_gpu_seconds"]),
                               "bpb_delta": {"vs": first, "value": r["bpb_delta"], "ci": [r["bpb_delta_lo"], r["bpb_delta_hi"]]}}
     return {"models": models, "parus": parus}
+
+
+def summary_record(record: dict, routers: dict, parus_style: str) -> dict:
+    """The experiment's one-line-per-model record (results/<run>/summary.json) from metrics_record's
+    output: bpb with its interval, per-word perplexity, PARus accuracy in `parus_style`, training
+    device-seconds, stored and active parameters, and the router of each gm model (None otherwise;
+    routers maps model name -> router kind)."""
+    out = {}
+    for name, m in record["models"].items():
+        p = record["parus"][name][parus_style]
+        out[name] = {"bpb": m["bpb"], "bpb_ci": m["bpb_ci"], "ppl_word": m["ppl_word"], "parus_acc": p["acc"],
+                     "parus_ci": p["ci"], "train_gpu_seconds": m["train_gpu_seconds"],
+                     "params_total": m["params_total"], "params_active": m["params_active"],
+                     "router": routers.get(name)}
+    return {"parus_style": parus_style, "models": out}

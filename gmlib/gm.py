@@ -226,9 +226,12 @@ def _fresh(mcfg, seed):
     return {f"model.{k}": v for k, v in GPT(mcfg).state_dict().items()}
 
 
-def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int = 1, verbose: bool = False) -> dict:
+def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int = 1, verbose: bool = False,
+             router=None, assign=None) -> dict:
     """Train (or continue) the gm in out_dir on data_root/{train,val}; returns gm.json's content
-    on rank 0 and this rank's record elsewhere. With world_size > 1 run under torch.distributed."""
+    on rank 0 and this rank's record elsewhere. With world_size > 1 run under torch.distributed.
+    router (and its assign of the training documents) may come already fitted, with cfg's router
+    settings, by a caller that has looked at the routing first; otherwise it is fitted here."""
     data_root, out = Path(data_root), Path(out_dir)
     if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("train_gm: world_size > 1 needs torch.distributed; launch scripts/train_gm.py with torchrun")
@@ -248,8 +251,12 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
                 raise ValueError(f"{prev}: this gm was made with other {changed}; use a new out_dir")
         atomic.write_json(prev, {"config": cfg.to_dict(), "model_config": asdict(mcfg)})
         if not _round_done(out, 0):
-            router = make_router(cfg.router, cfg.n_experts, train_all.vocab_size, **{"seed": cfg.seed, **cfg.router_cfg})
-            _route(router.fit(train_all), data_root, out, 0)
+            fresh = make_router(cfg.router, cfg.n_experts, train_all.vocab_size, **{"seed": cfg.seed, **cfg.router_cfg})
+            if router is None:
+                router, assign = fresh.fit(train_all), None
+            elif router.cfg != fresh.cfg:
+                raise ValueError(f"train_gm: the given router's settings {router.cfg} are not this gm's {fresh.cfg}")
+            _route(router, data_root, out, 0, assign=assign)
     _barrier()
     t0 = time.perf_counter()
     rk = _Rank(cfg, mcfg, out, dev, len(own), rank, verbose)

@@ -3,7 +3,10 @@
 Every stage saves its parameters as `<stage>.params.yaml`, merges its metrics into the
 run's `metrics.json` (with git commit, device and seconds under `stages.<stage>`), and
 saves figures as PNG and tables as CSV plus a Markdown copy. Several stages (01, 02, ...)
-may share one run folder, e.g. results/demo/."""
+may share one run folder, e.g. results/demo/; a stage that trains one of several models of
+a run carries a tag (the model's name): `03_train_dense.<tag>.params.yaml`. Stages may run
+at the same time (one per GPU), so metrics.json is updated under a file lock."""
+import fcntl
 import json
 import platform
 import subprocess
@@ -34,25 +37,31 @@ def device_name() -> str:
 
 
 class RunLog:
-    def __init__(self, run_name: str, stage: str):
-        self.run_name, self.stage = run_name, stage
+    def __init__(self, run_name: str, stage: str, tag: str | None = None):
+        self.run_name, self.stage = run_name, f"{stage}.{tag}" if tag else stage
         self.dir = results_dir(run_name)
         self.t0 = time.time()
 
     def save_params(self, params: dict):
         atomic.write_text(self.dir / f"{self.stage}.params.yaml", yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
 
-    def save_metrics(self, metrics: dict) -> dict:
-        """Merge `metrics` into metrics.json (top-level keys are replaced) and stamp the stage."""
+    def save_metrics(self, metrics: dict, nested: tuple = ()) -> dict:
+        """Merge `metrics` into metrics.json and stamp the stage. Top-level keys are replaced,
+        except those in `nested`, whose entries are merged one level down (e.g. "gm", which
+        holds one entry per gm of the run). Read, merge and write happen under a lock."""
         path = self.dir / "metrics.json"
-        merged = json.loads(path.read_text()) if path.exists() else {}
-        merged.update(metrics)
-        merged.setdefault("stages", {})[self.stage] = {
-            "git_commit": git_commit(), "device": device_name(),
-            "seconds": round(time.time() - self.t0, 2),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        atomic.write_json(path, merged)
+        stamp = {"git_commit": git_commit(), "device": device_name(), "seconds": round(time.time() - self.t0, 2),
+                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        with open(self.dir / ".metrics.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                merged = json.loads(path.read_text()) if path.exists() else {}
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e}); fix or remove it") from None
+            for k, v in metrics.items():
+                merged[k] = {**merged.get(k, {}), **v} if k in nested else v
+            merged.setdefault("stages", {})[self.stage] = stamp
+            atomic.write_json(path, merged)
         return merged
 
     def savefig(self, fig, name: str) -> Path:

@@ -1,0 +1,162 @@
+"""Run a plan of notebook (and benchmark) jobs over the machine's GPUs, one job per GPU at a time.
+
+  python scripts/run_experiment.py params/experiment/plan.yaml            # every GPU it sees
+  python scripts/run_experiment.py params/experiment/plan.yaml --gpus 0 1 # these GPUs
+  python scripts/run_experiment.py params/experiment/plan.yaml --dry-run  # print the commands
+
+A plan (YAML) names the run and lists jobs in priority order:
+
+  run_name: experiment
+  jobs:
+    - {name: dense124m, notebook: "03", params: params/experiment/03_dense124m.yaml, tag: dense124m}
+    - {name: evaluate, notebook: "05", params: params/experiment/05_evaluate.yaml, needs: [dense124m]}
+    - {name: speed, command: "python bench/train_speed.py --variants 124m-b32"}
+
+A notebook job runs scripts/run_notebooks.py for one notebook with one params file (and --tag);
+a command job runs its command. A job starts once every job it `needs` has succeeded and a GPU
+is free (the first ready job in plan order takes it); it sees that GPU alone (CUDA_VISIBLE_DEVICES),
+so each training run is charged one GPU's seconds, as if it had the machine to itself. A job whose
+needs failed is skipped. Without GPUs the jobs run one at a time on the CPU.
+
+The record, results/<run_name>/schedule.json, is rewritten at every start and end: each job's
+command, GPU, start, end, seconds and status; every job's output goes to results/<run_name>/logs/.
+A rerun skips the jobs that already succeeded (--force runs them again): the notebooks resume
+their own training, so an interrupted plan is continued by running it again.
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from gmlib import atomic  # noqa: E402
+from gmlib.paths import results_dir  # noqa: E402
+
+KEYS = {"name", "notebook", "params", "tag", "command", "needs"}
+
+
+def load_plan(path: Path) -> dict:
+    """The plan, checked: unique names, one of notebook/command per job, needs that exist and come first."""
+    try:
+        plan = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: cannot read the plan: {e}") from None
+    if not isinstance(plan, dict) or not plan.get("run_name") or not isinstance(plan.get("jobs"), list):
+        raise ValueError(f"{path}: a plan needs run_name and a list of jobs")
+    seen = set()
+    for i, job in enumerate(plan["jobs"]):
+        where = f"{path}: job {i + 1} ({job.get('name') if isinstance(job, dict) else job!r})"
+        if not isinstance(job, dict) or not job.get("name"):
+            raise ValueError(f"{where}: a job is a mapping with a name")
+        if bad := sorted(set(job) - KEYS):
+            raise ValueError(f"{where}: unknown keys {bad}; known: {sorted(KEYS)}")
+        if job["name"] in seen:
+            raise ValueError(f"{where}: the name is used twice")
+        if ("notebook" in job) == ("command" in job):
+            raise ValueError(f"{where}: give either a notebook or a command")
+        if "notebook" in job and not (REPO / job.get("params", "")).is_file():
+            raise ValueError(f"{where}: params file {job.get('params')!r} not found")
+        if missing := [n for n in job.get("needs", []) if n not in seen]:
+            raise ValueError(f"{where}: needs {missing}, which no earlier job is")
+        seen.add(job["name"])
+    return plan
+
+
+def command(job: dict, run_name: str) -> list[str]:
+    if "command" in job:
+        argv = shlex.split(job["command"])
+        return [sys.executable if argv[0] in ("python", "python3") else argv[0], *argv[1:]]
+    argv = [sys.executable, str(REPO / "scripts" / "run_notebooks.py"), "--run-name", run_name,
+            "--only", str(job["notebook"]), "-f", str(REPO / job["params"])]
+    return argv + (["--tag", job["tag"]] if job.get("tag") else [])
+
+
+def gpu_slots(gpus) -> list[str]:
+    if gpus is not None:
+        return [str(g) for g in gpus] or ["cpu"]
+    import torch
+    return [str(i) for i in range(torch.cuda.device_count())] or ["cpu"]
+
+
+def run_plan(plan: dict, slots: list[str], force: bool = False, poll_s: float = 1.0, log=print) -> dict:
+    """Run the plan's jobs over the slots (GPU indices, or ["cpu"]); returns the schedule record."""
+    out = results_dir(plan["run_name"])
+    (out / "logs").mkdir(exist_ok=True)
+    path = out / "schedule.json"
+    old = json.loads(path.read_text())["jobs"] if path.is_file() else {}
+    jobs = {j["name"]: j for j in plan["jobs"]}
+    rec = {"run_name": plan["run_name"], "slots": slots, "jobs": {}}
+    for name in jobs:
+        done = not force and old.get(name, {}).get("status") == "ok"
+        rec["jobs"][name] = old[name] if done else {"status": "pending"}
+    running, free = {}, list(slots)
+
+    def save():
+        atomic.write_json(path, rec)
+
+    def status(n):
+        return rec["jobs"][n]["status"]
+
+    save()
+    while True:
+        for name, job in jobs.items():  # skip what can no longer run
+            if status(name) == "pending" and any(status(n) in ("failed", "skipped") for n in job.get("needs", [])):
+                rec["jobs"][name] = {"status": "skipped", "reason": "a job it needs did not succeed"}
+                log(f"[skip] {name}")
+        ready = [n for n, j in jobs.items() if status(n) == "pending" and all(status(d) == "ok" for d in j.get("needs", []))]
+        while ready and free:
+            name, slot = ready.pop(0), free.pop(0)
+            argv = command(jobs[name], plan["run_name"])
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "" if slot == "cpu" else slot}
+            logf = open(out / "logs" / f"{name}.log", "w")
+            proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT)
+            running[name] = (proc, slot, logf, time.time())
+            rec["jobs"][name] = {"status": "running", "gpu": slot, "command": shlex.join(argv),
+                                 "start": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            save()
+            log(f"[start] {name} on {slot}")
+        if not running:
+            break
+        time.sleep(poll_s)
+        for name, (proc, slot, logf, t0) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            logf.close()
+            del running[name]
+            free.append(slot)
+            rec["jobs"][name].update(status="ok" if proc.returncode == 0 else "failed", rc=proc.returncode,
+                                     end=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=round(time.time() - t0, 1))
+            save()
+            log(f"[{rec['jobs'][name]['status']}] {name} on {slot} after {time.time() - t0:.0f} s")
+    return rec
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("plan", type=Path)
+    ap.add_argument("--gpus", nargs="*", help="GPU indices to use (default: all visible; none: the CPU)")
+    ap.add_argument("--force", action="store_true", help="run again the jobs that already succeeded")
+    ap.add_argument("--dry-run", action="store_true", help="print each job's command and exit")
+    args = ap.parse_args(argv)
+    try:
+        plan = load_plan(args.plan)
+    except ValueError as e:
+        sys.exit(str(e))
+    if args.dry_run:
+        for job in plan["jobs"]:
+            print(f"{job['name']}: {shlex.join(command(job, plan['run_name']))}  needs {job.get('needs', [])}")
+        return
+    rec = run_plan(plan, gpu_slots(args.gpus), force=args.force)
+    bad = [n for n, j in rec["jobs"].items() if j["status"] != "ok"]
+    sys.exit(f"jobs not done: {bad}" if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

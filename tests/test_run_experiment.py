@@ -1,0 +1,112 @@
+"""scripts/run_experiment.py: jobs start when their needs succeeded and a slot is free, one job per
+slot, a failure skips what needs it, a rerun skips what succeeded; RunLog merges metrics under a lock."""
+import importlib.util
+import json
+import multiprocessing as mp
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gmlib.runlog import RunLog
+
+REPO = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("run_experiment", REPO / "scripts" / "run_experiment.py")
+run_experiment = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(run_experiment)
+
+
+def job(name, code, needs=()):
+    """A command job: a Python one-liner that appends '<name> <slot>' to the trace file."""
+    return {"name": name, "command": f"python -c \"{code}\"", "needs": list(needs)}
+
+
+TRACE = ("import os,time,sys; open(os.environ['TRACE'],'a').write('{name} start '+os.environ['CUDA_VISIBLE_DEVICES']+'\\n'); "
+         "time.sleep({sleep}); "
+         "open(os.environ['TRACE'],'a').write('{name} end\\n'); sys.exit({rc})")
+
+
+def traced(name, sleep=0.3, rc=0, needs=()):
+    return job(name, TRACE.format(name=name, sleep=sleep, rc=rc), needs)
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("GM_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("TRACE", str(tmp_path / "trace.txt"))
+    return tmp_path
+
+
+def events(tmp_path):
+    return (tmp_path / "trace.txt").read_text().split("\n")[:-1]
+
+
+def test_needs_and_slots(env):
+    plan = {"run_name": "t", "jobs": [traced("a", 0.6), traced("b", 0.2), traced("c", 0.1, needs=["a"]),
+                                      traced("d", 0.1, needs=["b"])]}
+    rec = run_experiment.run_plan(plan, ["0", "1"], poll_s=0.05, log=lambda *_: None)
+    assert {n: j["status"] for n, j in rec["jobs"].items()} == dict.fromkeys("abcd", "ok")
+    ev = events(env)
+    # a and b start at once on the two slots; d (needs b) runs before a ends; c only after a ends
+    assert set(ev[:2]) == {"a start 0", "b start 1"}
+    first = {e.rsplit(" ", 1)[0] if " start" in e else e: i for i, e in reversed(list(enumerate(ev)))}
+    assert first["d start"] < first["a end"] < first["c start"] and ev[first["d start"]] == "d start 1"
+    # never more jobs at once than slots
+    live = 0
+    for e in ev:
+        live += 1 if " start " in e else -1
+        assert live <= 2
+    saved = json.loads((env / "results" / "t" / "schedule.json").read_text())
+    assert saved["jobs"]["d"]["gpu"] == "1" and saved["jobs"]["a"]["seconds"] >= 0.5
+    assert (env / "results" / "t" / "logs" / "a.log").is_file()
+
+
+def test_failure_skips_dependents_and_rerun_skips_done(env):
+    plan = {"run_name": "t", "jobs": [traced("a", 0.0, rc=3), traced("b", 0.0), traced("c", 0.0, needs=["a"]),
+                                      traced("d", 0.0, needs=["c"])]}
+    rec = run_experiment.run_plan(plan, ["cpu"], poll_s=0.02, log=lambda *_: None)
+    assert {n: j["status"] for n, j in rec["jobs"].items()} == {"a": "failed", "b": "ok", "c": "skipped", "d": "skipped"}
+    assert rec["jobs"]["a"]["rc"] == 3 and "c start" not in "".join(events(env))
+    assert events(env)[0] == "a start "  # the CPU slot hides every GPU
+    (env / "trace.txt").unlink()
+    plan["jobs"][0] = traced("a", 0.0)  # fixed: a rerun runs a, c, d but not b again
+    rec = run_experiment.run_plan(plan, ["cpu"], poll_s=0.02, log=lambda *_: None)
+    assert all(j["status"] == "ok" for j in rec["jobs"].values())
+    assert [e.split()[0] for e in events(env) if " start" in e] == ["a", "c", "d"]
+
+
+@pytest.mark.parametrize("jobs, message", [
+    ([{"name": "a", "command": "true"}, {"name": "a", "command": "true"}], "used twice"),
+    ([{"name": "a"}], "either a notebook or a command"),
+    ([{"name": "a", "command": "true", "needs": ["b"]}, {"name": "b", "command": "true"}], "no earlier job"),
+    ([{"name": "a", "notebook": "03", "params": "params/nope.yaml"}], "not found"),
+    ([{"name": "a", "command": "true", "gpu": 1}], "unknown keys"),
+])
+def test_bad_plans_are_refused(tmp_path, jobs, message):
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump({"run_name": "t", "jobs": jobs}))
+    with pytest.raises(ValueError, match=message) as e:
+        run_experiment.load_plan(path)
+    assert str(path) in str(e.value)
+
+
+def test_committed_plan_is_valid():
+    plan = run_experiment.load_plan(REPO / "params" / "experiment" / "plan.yaml")
+    cmd = run_experiment.command(plan["jobs"][0], plan["run_name"])
+    assert cmd[0] == sys.executable and "--tag" in cmd
+
+
+def _save(args):
+    root, i = args
+    import os
+    os.environ["GM_RESULTS_DIR"] = root
+    RunLog("t", "04_train_gm", tag=f"gm{i}").save_metrics({"gm": {f"gm{i}": {"i": i}}}, nested=("gm",))
+
+
+def test_parallel_stages_keep_every_metric(tmp_path):
+    with mp.get_context("fork").Pool(4) as pool:
+        pool.map(_save, [(str(tmp_path), i) for i in range(8)])
+    m = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert m["gm"] == {f"gm{i}": {"i": i} for i in range(8)}
+    assert set(m["stages"]) == {f"04_train_gm.gm{i}" for i in range(8)}
