@@ -73,11 +73,11 @@ class RunLog:
     def save_table(self, df, name: str, floatfmt=".4g") -> Path:
         """CSV (machine-readable) plus a Markdown copy (for the README)."""
         atomic.write_text(self.dir / f"{name}.csv", df.to_csv(index=False))
-        atomic.write_text(self.dir / f"{name}.md", _markdown(df, floatfmt))
+        atomic.write_text(self.dir / f"{name}.md", markdown_table(df, floatfmt))
         return self.dir / f"{name}.csv"
 
 
-def _markdown(df, floatfmt):
+def markdown_table(df, floatfmt=".4g") -> str:
     # pandas.to_markdown needs `tabulate`; a plain pipe table needs nothing.
     def cell(v):
         return format(v, floatfmt) if isinstance(v, float) else str(v)

@@ -32,6 +32,15 @@ def read_yaml(path: Path) -> dict:
     return params
 
 
+def notebook_params(nb: Path, run_name: str, params_dir: Path | None, from_file: dict, from_cli: dict) -> dict:
+    """The parameters of one notebook, later sources winning: run_name, <params_dir>/<stem>.yaml,
+    the --params-file YAML, -p NAME VALUE."""
+    params = {"run_name": run_name}
+    if params_dir and (f := params_dir / f"{nb.stem}.yaml").is_file():
+        params.update(read_yaml(f))
+    return {**params, **from_file, **from_cli}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-name", default="demo")
@@ -52,10 +61,7 @@ def main(argv=None):
     from_file = read_yaml(args.params_file) if args.params_file else {}
     from_cli = {k: yaml.safe_load(v) for k, v in args.param}
     for nb in notebooks:
-        params = {"run_name": args.run_name}
-        if args.params_dir and (f := args.params_dir / f"{nb.stem}.yaml").is_file():
-            params.update(read_yaml(f))
-        params.update({**from_file, **from_cli})
+        params = notebook_params(nb, args.run_name, args.params_dir, from_file, from_cli)
         out = out_dir / (f"{nb.stem}.{args.tag}.ipynb" if args.tag else nb.name)
         t0 = time.time()
         print(f"== {nb.name} -> {out}  {params}", flush=True)

@@ -110,3 +110,18 @@ def test_parallel_stages_keep_every_metric(tmp_path):
     m = json.loads((tmp_path / "t" / "metrics.json").read_text())
     assert m["gm"] == {f"gm{i}": {"i": i} for i in range(8)}
     assert set(m["stages"]) == {f"04_train_gm.gm{i}" for i in range(8)}
+
+
+def test_run_notebooks_parameter_order(tmp_path):
+    """<params-dir>/<stem>.yaml, then --params-file, then -p: the later wins; a bad file names itself."""
+    spec = importlib.util.spec_from_file_location("run_notebooks", REPO / "scripts" / "run_notebooks.py")
+    rn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rn)
+    (tmp_path / "03_train_dense.yaml").write_text("lr: 1.0\nbatch_size: 2\nmax_steps: 5\n")
+    p = rn.notebook_params(Path("notebooks/03_train_dense.ipynb"), "r", tmp_path, {"batch_size": 4, "max_steps": 6},
+                           {"max_steps": 7})
+    assert p == {"run_name": "r", "lr": 1.0, "batch_size": 4, "max_steps": 7}
+    assert rn.notebook_params(Path("notebooks/04_train_gm.ipynb"), "r", tmp_path, {}, {}) == {"run_name": "r"}
+    (tmp_path / "bad.yaml").write_text("- a list\n")
+    with pytest.raises(SystemExit, match="bad.yaml"):
+        rn.read_yaml(tmp_path / "bad.yaml")

@@ -1,0 +1,138 @@
+"""The experiment's report: the README's Results tables, built from the records the notebooks wrote.
+
+Nothing here measures anything. Every number is read from results/<run>/ (05's eval_quality.csv,
+eval_parus.csv and summary.json, 06's finetune_table.csv, each stage's device and seconds in
+metrics.json) and from the benchmarks' JSON in results/bench/. The article's figures sit beside
+ours as a reference only: its perplexities are on its own test set with its own tokenizer.
+"""
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from . import atomic
+from .runlog import markdown_table
+
+# the article's Table 2 (held-out perplexity, its own test set) and Table 3 (PARus accuracy)
+ARTICLE_PPL = {"ruGPT3-small": 30.91, "ruGPT3-medium": 22.96, "ruGPT3-large": 21.34, "GM30B": 18.02}
+ARTICLE_PARUS = {"ruGPT3-small": 0.562, "ruGPT3-medium": 0.598, "ruGPT3-large": 0.584, "ruGPT3-XL": 0.676,
+                 "GM30B": 0.704, "YaLM-1B": 0.766}
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def kind(name: str, router) -> str:
+    if router:
+        return "gm expert alone" if "-expert" in name else "gm mixture"
+    return "dense ensemble" if "+" in name else "dense"
+
+
+def _m(n) -> str:
+    return f"{n / 1e6:.3g}M"
+
+
+def _ci(v, lo, hi, fmt="{:.4f}"):
+    return f"{fmt.format(v)} [{fmt.format(lo)}, {fmt.format(hi)}]"
+
+
+def heldout_table(quality: pd.DataFrame, summary: dict) -> pd.DataFrame:
+    """One row per model: what it is, its size and training device-seconds, bpb and per-word
+    perplexity with their 95% intervals, and bpb minus the reference's (the first model) with
+    the paired interval."""
+    ref = quality["model"].iloc[0]
+    rows = []
+    for r in quality.itertuples():
+        router = summary["models"].get(r.model, {}).get("router")
+        rows.append({"model": r.model, "kind": kind(r.model, router), "router": router or "",
+                     "params_total_M": round(r.params_total / 1e6, 1), "params_active_M": round(r.params_active / 1e6, 1),
+                     "train_gpu_s": None if pd.isna(r.train_gpu_seconds) else round(r.train_gpu_seconds, 1),
+                     "bpb [95% CI]": _ci(r.bpb, r.bpb_lo, r.bpb_hi),
+                     "ppl_word [95% CI]": _ci(r.ppl_word, r.ppl_word_lo, r.ppl_word_hi, "{:.1f}"),
+                     f"bpb - {ref} [95% CI]": "" if r.model == ref else _ci(r.bpb_delta, r.bpb_delta_lo, r.bpb_delta_hi, "{:+.4f}")})
+    return pd.DataFrame(rows)
+
+
+def verdict(quality: pd.DataFrame, summary: dict) -> list[str]:
+    """For every gm mixture, in words: better, worse or not distinguishable from the reference
+    model (the first), by the paired bootstrap interval of the bpb difference."""
+    ref = quality.iloc[0]
+    lines = []
+    for r in quality.itertuples():
+        if kind(r.model, summary["models"].get(r.model, {}).get("router")) != "gm mixture":
+            continue
+        if r.bpb_delta_hi < 0:
+            word = "better than"
+        elif r.bpb_delta_lo > 0:
+            word = "worse than"
+        else:
+            word = "not distinguishable from"
+        lines.append(f"{r.model} ({_m(r.params_total)} stored, {_m(r.params_active)} active, "
+                     f"{r.train_gpu_seconds:.0f} device-s) is {word} {ref.model} ({_m(ref.params_total)}, "
+                     f"{ref.train_gpu_seconds:.0f} device-s): bpb {r.bpb:.4f} against {ref.bpb:.4f}, difference "
+                     f"{r.bpb_delta:+.4f} [{r.bpb_delta_lo:+.4f}, {r.bpb_delta_hi:+.4f}].")
+    return lines
+
+
+def parus_table(parus: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy [95% Wilson interval] of every model (rows) in every prompt style (columns)."""
+    parus = parus.assign(cell=[_ci(a, lo, hi, "{:.2f}") for a, lo, hi in zip(parus.acc, parus.ci_lo, parus.ci_hi)])
+    table = parus.pivot(index="model", columns="style", values="cell").reset_index()
+    table.columns.name = None
+    order = {m: i for i, m in enumerate(dict.fromkeys(parus["model"]))}
+    return table.sort_values("model", key=lambda s: s.map(order)).reset_index(drop=True)
+
+
+def article_table(values: dict, column: str) -> pd.DataFrame:
+    return pd.DataFrame({"model (the article)": list(values), column: list(values.values())})
+
+
+def cost_table(metrics_files: list) -> pd.DataFrame:
+    """Every stage of the given runs: its device and minutes (each stage had its device to itself)."""
+    rows = []
+    for f in metrics_files:
+        stages = json.loads(Path(f).read_text()).get("stages", {})
+        rows += [{"run": Path(f).parent.name, "stage": s, "device": v["device"], "minutes": round(v["seconds"] / 60, 2)}
+                 for s, v in stages.items()]
+    return pd.DataFrame(rows, columns=["run", "stage", "device", "minutes"])
+
+
+def speed_table(records: list, variants: list) -> pd.DataFrame:
+    """The training-speed records of the chosen variants (in that order) that measured a GPU."""
+    by = {r["variant"]: r for r in records if r.get("status") == "ok" and r.get("mfu") is not None}
+    return pd.DataFrame([{"variant": v, "params_M": round(by[v]["params"] / 1e6, 1), "batch": by[v]["batch"],
+                          "tokens_per_s": round(by[v]["tokens_per_s"]), "mfu": by[v]["mfu"],
+                          "peak_mem_gb": by[v]["peak_mem_gb"], "device": by[v]["device"], "date": by[v]["date"][:10]}
+                         for v in variants if v in by])
+
+
+def store_lines(offload: dict | None, scale: dict | None) -> list[str]:
+    lines = []
+    if offload:
+        lines.append(f"Swapping {offload['experts']} experts of {offload['expert_params'] / 1e6:.0f}M through a GPU tier "
+                     f"of {offload['gpu_slots']}: the GPU waited {offload['overhead_frac']:.2%} of the wall time, copies ran at "
+                     f"{offload['copy_gb_s']:.1f} GB/s, and the run was {offload['overhead_vs_baseline']:.1%} slower "
+                     f"than the same schedule without swapping ({offload.get('device', '')}).")
+    if scale:
+        lines.append(f"Parameters trained on one GPU: {scale['total_params'] / 1e9:.2f}B ({scale['experts']} experts of "
+                     f"{scale['expert_params'] / 1e6:.0f}M), {scale['seconds_per_expert']:.2f} s an expert, peak "
+                     f"{scale['peak_gpu_gb']:.1f} GB GPU, {scale['peak_ram_gb']:.1f} GB RAM, {scale['disk_gb']:.1f} GB disk "
+                     f"({scale.get('device', '')}).")
+    return lines
+
+
+def section(title: str, body) -> str:
+    if isinstance(body, pd.DataFrame):
+        body = markdown_table(body, ".4g")
+    elif isinstance(body, (list, tuple)):
+        body = "\n".join(f"- {line}" for line in body) + "\n"
+    return f"### {title}\n\n{body}\n"
+
+
+def replace_block(path, block: str):
+    """Put `block` between the BEGIN and END markers of the file at `path` (atomically)."""
+    path = Path(path)
+    text = path.read_text()
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    if len(pattern.findall(text)) != 1:
+        raise ValueError(f"{path}: expected one '{BEGIN}' ... '{END}' block to replace")
+    atomic.write_text(path, pattern.sub(lambda _: f"{BEGIN}\n{block.strip()}\n{END}", text))

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Run an experiment plan (scripts/run_experiment.py) in the background on a GPU machine that is
+# reached one command at a time and whose copy of this repository may be re-synchronised between
+# commands: data, checkpoints and results all live under $GM_ROOT (default /root/gm), outside the
+# copy, and each `watch` packs the results so far, so a lost machine loses nothing that finished.
+#
+#   bash scripts/background_plan.sh stage ARCHIVE            # unpack a tar.xz of work/data's shards/ and tokenizer.*
+#   bash scripts/background_plan.sh start PLAN [WHEELS] [RAW] # offline wheels (optional), raw data dir with parus/ and
+#                                                             # reviews/ (optional), then the plan under setsid
+#   bash scripts/background_plan.sh watch SECONDS OUT.tgz     # wait for the plan to end (at most SECONDS), pack results
+#
+# Make the archive here with:  (cd work/data && tar cf - shards tokenizer.model tokenizer.json | xz -1 -T2) > ARCHIVE
+set -euo pipefail
+ROOT=${GM_ROOT:-/root/gm}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+SITE=$ROOT/site
+export GM_WORK_DIR=$ROOT/work GM_RESULTS_DIR=$ROOT/results GM_DATA_DIR=$ROOT/raw
+export PYTHONPATH=$SITE:$REPO PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+plan_state() {  # "done" when the plan's schedule has no pending or running job, else a one-line summary
+  python3 - "$GM_RESULTS_DIR" <<'EOF'
+import json, sys, pathlib
+files = list(pathlib.Path(sys.argv[1]).glob("*/schedule.json"))
+jobs = {n: j["status"] for f in files for n, j in json.loads(f.read_text())["jobs"].items()}
+live = [n for n, s in jobs.items() if s in ("pending", "running")]
+print("done" if files and not live else " ".join(f"{n}:{s}" for n, s in jobs.items()) or "no schedule yet")
+EOF
+}
+
+case ${1:-} in
+  stage)
+    mkdir -p "$GM_WORK_DIR/data"
+    tar xJf "${2:?archive}" -C "$GM_WORK_DIR/data"
+    ls "$GM_WORK_DIR/data" ;;
+  start)
+    plan=$(realpath "${2:?plan}")
+    if [ -n "${3:-}" ]; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$3"/*.whl
+    fi
+    if [ -n "${4:-}" ]; then mkdir -p "$GM_DATA_DIR" && cp -r "$4"/. "$GM_DATA_DIR"/; fi
+    mkdir -p "$GM_RESULTS_DIR"
+    cd "$REPO"
+    setsid nohup python3 scripts/run_experiment.py "$plan" > "$ROOT/plan.log" 2>&1 < /dev/null &
+    echo "started: $plan (log $ROOT/plan.log)" ;;
+  watch)
+    end=$((SECONDS + ${2:?seconds}))
+    while [ $SECONDS -lt "$end" ] && [ "$(plan_state)" != done ]; do sleep 10; done
+    plan_state
+    tail -n 20 "$ROOT/plan.log" || true
+    tar czf "${3:?out.tgz}" -C "$ROOT" results $(cd "$ROOT" && ls plan.log 2>/dev/null) ;;
+  *)
+    sed -n 2,13p "$0"; exit 2 ;;
+esac

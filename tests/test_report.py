@@ -1,0 +1,63 @@
+"""gmlib.report: the verdict follows the paired interval, tables keep every model, the README
+block is replaced exactly once."""
+import pandas as pd
+import pytest
+
+from gmlib import report
+
+
+def quality(deltas):
+    """An eval_quality-like table: the reference first, then one gm mixture per (lo, hi) interval."""
+    rows = [dict(model="dense", bpb=1.0, bpb_lo=0.9, bpb_hi=1.1, ppl_word=100.0, ppl_word_lo=90.0, ppl_word_hi=110.0,
+                 bpb_delta=0.0, bpb_delta_lo=0.0, bpb_delta_hi=0.0, params_total=100e6, params_active=100e6,
+                 train_gpu_seconds=300.0)]
+    for i, (lo, hi) in enumerate(deltas):
+        rows.append({**rows[0], "model": f"gm{i}-k1", "bpb": 1.0 + (lo + hi) / 2, "bpb_delta": (lo + hi) / 2,
+                     "bpb_delta_lo": lo, "bpb_delta_hi": hi, "params_total": 800e6})
+    return pd.DataFrame(rows)
+
+
+def summary(q):
+    return {"models": {m: {"router": None if m == "dense" else "local"} for m in q["model"]}}
+
+
+def test_verdict_reads_the_paired_interval():
+    q = quality([(-0.2, -0.1), (0.1, 0.2), (-0.1, 0.1)])
+    lines = report.verdict(q, summary(q))
+    assert [line.split(" is ")[1].split(" dense")[0] for line in lines] == [
+        "better than", "worse than", "not distinguishable from"]
+    assert "800M stored, 100M active" in lines[0] and "-0.1500" in lines[0]
+
+
+def test_heldout_table_keeps_every_model_and_marks_kinds():
+    q = quality([(-0.2, -0.1)])
+    q.loc[len(q)] = {**q.iloc[1].to_dict(), "model": "gm0-expert3", "params_total": 100e6}
+    t = report.heldout_table(q, {"models": {**summary(q)["models"], "gm0-expert3": {"router": "local"}}})
+    assert list(t["model"]) == list(q["model"])
+    assert list(t["kind"]) == ["dense", "gm mixture", "gm expert alone"]
+    assert t.iloc[0]["bpb - dense [95% CI]"] == "" and t.iloc[1]["bpb - dense [95% CI]"] == "-0.1500 [-0.2000, -0.1000]"
+
+
+def test_parus_table_pivots_in_model_order():
+    p = pd.DataFrame({"model": ["b", "b", "a", "a"], "style": ["connector", "mera"] * 2, "acc": [0.5, 0.6, 0.7, 0.8],
+                      "ci_lo": [0.4] * 4, "ci_hi": [0.9] * 4})
+    t = report.parus_table(p)
+    assert list(t["model"]) == ["b", "a"] and t.loc[1, "mera"] == "0.80 [0.40, 0.90]"
+
+
+def test_replace_block(tmp_path):
+    f = tmp_path / "README.md"
+    f.write_text(f"head\n{report.BEGIN}\nold\n{report.END}\ntail\n")
+    report.replace_block(f, "new $1 \\1 table\n")  # no regex escapes are interpreted
+    assert f.read_text() == f"head\n{report.BEGIN}\nnew $1 \\1 table\n{report.END}\ntail\n"
+    f.write_text("no markers\n")
+    with pytest.raises(ValueError, match="README.md"):
+        report.replace_block(f, "x")
+
+
+def test_cost_table_reads_every_stage(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text(
+        '{"stages": {"03_train_dense.a": {"device": "NVIDIA H100", "seconds": 330}, "05_evaluate": {"device": "cpu (x)", "seconds": 6}}}')
+    t = report.cost_table([tmp_path / "run" / "metrics.json"])
+    assert list(t["stage"]) == ["03_train_dense.a", "05_evaluate"] and list(t["minutes"]) == [5.5, 0.1]
