@@ -37,7 +37,7 @@ VOCAB = 32000
 
 # name -> settings; suites list names in priority order (a time budget runs them until it is spent)
 BASE = dict(batch=32, compile=True, mode=None, activation="gelu", fp32_logits=False, inductor={}, seq_len=1024,
-            sdpa=None)
+            sdpa=None, fp8="")
 VARIANTS = {
     "124m-b32": dict(config="124m"),
     "350m-b16": dict(config="350m", batch=16),
@@ -56,6 +56,10 @@ VARIANTS = {
     "124m-b32-relu2-cudnn": dict(config="124m", activation="relu2", sdpa="cudnn"),
     "350m-b16-cudnn": dict(config="350m", batch=16, sdpa="cudnn"),
     "124m-b32-cudagraphs": dict(config="124m", mode="reduce-overhead"),  # CUDA graphs: no launch gaps
+    # FP8 training matmuls (gmlib.fp8): the output projection alone, or every matmul but attention's
+    "124m-b32-relu2-cudnn-fp8head": dict(config="124m", activation="relu2", sdpa="cudnn", fp8="head"),
+    "124m-b32-relu2-cudnn-fp8": dict(config="124m", activation="relu2", sdpa="cudnn", fp8="all"),
+    "350m-b16-fp8": dict(config="350m", batch=16, fp8="all"),
     "tiny-cpu": dict(config="tiny", batch=8, compile=False, seq_len=128),
 }
 SUITES = {
@@ -99,7 +103,7 @@ def measure(name: str, shard_dir: str, seconds: float) -> dict:
         setattr(ic, k, val)
     cfg = make_config(v["config"], vocab_size=VOCAB, seq_len=v["seq_len"], activation=v["activation"])
     tc = TrainConfig(max_steps=10**9, batch_size=v["batch"], compile=v["compile"], compile_mode=v["mode"],
-                     eval_every=0, log_every=10**9, warmup_steps=10, device="auto")
+                     eval_every=0, log_every=10**9, warmup_steps=10, device="auto", fp8=v["fp8"])
     torch.manual_seed(0)
     tr = Trainer(GPT(cfg), tc, WindowSampler(TokenShards(shard_dir), cfg.seq_len, v["batch"]))
     if v["fp32_logits"]:
@@ -130,7 +134,7 @@ def measure(name: str, shard_dir: str, seconds: float) -> dict:
         "device": device_name(), "torch": torch.__version__, "commit": git_commit(),
         "step_ms": round(1000 * dt / n, 2), "steps_timed": n, "compile_s": round(compile_s, 1),
         "flops_per_token": fpt, "flops_count": "6N + 12*L*d*T (N incl. tied embedding), peak 989e12 bf16",
-        "settings": {k: v[k] for k in ("compile", "mode", "activation", "fp32_logits", "inductor", "sdpa")},
+        "settings": {k: v[k] for k in ("compile", "mode", "activation", "fp32_logits", "inductor", "sdpa", "fp8")},
         "vocab": VOCAB, "load_avg_1m": round(os.getloadavg()[0], 2), "status": "ok", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

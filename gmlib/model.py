@@ -156,6 +156,7 @@ class GPT(nn.Module):
         # not parameters and not saved: rebuilt from the config, so checkpoints hold weights only
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.output_linear = F.linear  # the tied output projection's matmul (gmlib.fp8.convert may swap it)
         self.apply(self._init)
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):  # residual projections: GPT-2's 1/sqrt(2L) scaling
@@ -182,7 +183,7 @@ class GPT(nn.Module):
             x = block(x, cos, sin, cache, i)
         if cache is not None:
             cache.length += T
-        logits = F.linear(self.norm(x), self.wte.weight)  # tied output projection
+        logits = self.output_linear(self.norm(x), self.wte.weight)  # tied output projection
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)

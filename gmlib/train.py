@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, fp8
 from .data import TokenShards, WindowSampler
 from .model import GPT, GPTConfig
 
@@ -51,6 +51,7 @@ class TrainConfig:
     ckpt_every: int = 0                # checkpoint every N steps (and at the end) when a path is set; 0: end only
     compile: bool = False
     compile_mode: str | None = None    # None (default) or e.g. "max-autotune-no-cudagraphs"
+    fp8: str = ""                      # FP8 training matmuls (gmlib.fp8): "" none, "head" or "all"
     device: str = "auto"               # "auto": cuda if available, else cpu
     seed: int = 0                      # model init (setup()) and training data order
 
@@ -61,6 +62,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig: {k}={getattr(self, k)} must be >= 1")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"TrainConfig: need 0 <= min_lr ({self.min_lr}) <= lr ({self.lr})")
+        if self.fp8 not in fp8.CHOICES:
+            raise ValueError(f"TrainConfig: fp8={self.fp8!r}; choose one of {fp8.CHOICES}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -93,7 +96,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # any fp32 matmul left outside autocast
             torch.backends.cudnn.allow_tf32 = True
-        self.model = model.to(self.device)
+        self.model = fp8.convert(model.to(self.device), cfg.fp8)
         self.optimizer = optimizer or make_optimizer(self.model, cfg, self.device)
         self.forward = torch.compile(self.model, mode=cfg.compile_mode) if cfg.compile else self.model
         self.ckpt_path = Path(ckpt_path) if ckpt_path else None

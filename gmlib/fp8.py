@@ -1,0 +1,86 @@
+"""FP8 matmuls for training (a speed option of gmlib.train, off by default).
+
+An H100 multiplies FP8 matrices at twice its bf16 rate. During training, `fp8_linear(x, w)` computes
+`x @ w.T` with both operands cast to float8_e4m3 and the output in bf16. The backward pass casts the
+incoming gradient to float8_e5m2, which has more range and less precision, for both of its products.
+Every cast uses one scale per tensor, from the tensor's current absolute maximum ("dynamic tensorwise
+scaling", as in torchao's float8 training). The weights, the optimizer and every evaluation stay in
+full precision: outside autograd, `fp8_linear` is plain `F.linear`.
+
+`convert(model, which)` switches a GPT's matmuls over: "head" is the tied output projection (at vocab
+32k, 19% of a 124M model's FLOPs), and "all" adds every Linear of the blocks.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+CHOICES = ("", "head", "all")
+
+
+def _cast(t: torch.Tensor, dtype):
+    """t as `dtype` scaled to use its range, and the scale that undoes it (for _scaled_mm)."""
+    amax = t.detach().abs().amax().float().clamp(min=1e-12)
+    scale = torch.finfo(dtype).max / amax
+    t8 = (t.float() * scale).clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max).to(dtype)
+    return t8.contiguous(), scale.reciprocal()
+
+
+def _mm(a8, sa, b8, sb, out_dtype):
+    """a (M, K) row-major times b given as (N, K): _scaled_mm wants its second operand column-major."""
+    return torch._scaled_mm(a8, b8.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+
+
+class _FP8Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w):
+        x8, sx = _cast(x, E4M3)
+        w8, sw = _cast(w, E4M3)
+        ctx.save_for_backward(x8, sx, w8, sw)
+        ctx.dtypes = (x.dtype, w.dtype)
+        return _mm(x8, sx, w8, sw, torch.bfloat16)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x8, sx, w8, sw = ctx.saved_tensors
+        g8, sg = _cast(gy, E5M2)
+        # dx = gy @ w: w (N, K) must be the column-major (N, K) operand, i.e. w.T row-major
+        dx = _mm(g8, sg, w8.t().contiguous(), sw, torch.bfloat16)
+        # dw = gy.T @ x: gy.T row-major (N, M) and x as the column-major (M, K) operand
+        dw = _mm(g8.t().contiguous(), sg, x8.t().contiguous(), sx, torch.float32)
+        return dx.to(ctx.dtypes[0]), dw.to(ctx.dtypes[1])
+
+
+def fp8_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ w.T for w (N, K), in FP8 with bf16 output; K and N must be multiples of 16."""
+    return _FP8Matmul.apply(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear (no bias) in FP8 while gradients are being recorded; plain F.linear otherwise,
+    or where the shapes do not suit the FP8 kernels (dimensions not multiples of 16)."""
+    if torch.is_grad_enabled() and x.shape[-1] % 16 == 0 and w.shape[0] % 16 == 0:
+        return fp8_matmul(x, w)
+    return F.linear(x, w)
+
+
+class FP8Linear(nn.Linear):
+    """nn.Linear (no bias) whose training matmul is FP8; the same parameter, so optimizers,
+    checkpoints and state dicts do not change."""
+
+    def forward(self, x):
+        return fp8_linear(x, self.weight)
+
+
+def convert(model, which: str):
+    """Switch a gmlib.model.GPT's training matmuls to FP8: "" none, "head" the output projection,
+    "all" the output projection and every Linear of the blocks. Returns the model."""
+    if which not in CHOICES:
+        raise ValueError(f"fp8={which!r}; choose one of {CHOICES}")
+    if which:
+        model.output_linear = fp8_linear
+    if which == "all":
+        for m in model.blocks.modules():
+            if type(m) is nn.Linear and m.bias is None:
+                m.__class__ = FP8Linear  # same module, same parameter: only forward changes
+    return model

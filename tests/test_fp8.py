@@ -1,0 +1,67 @@
+"""gmlib.fp8: the FP8 matmul and its gradients match the full-precision ones within FP8's precision,
+evaluation is untouched, and a tiny model still learns with FP8 matmuls."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gmlib import fp8
+from gmlib.model import GPT, make_config
+from gmlib.train import TrainConfig
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_matmul_and_gradients_match_full_precision():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 32, 64, generator=g).to(torch.bfloat16).requires_grad_()
+    w = (0.05 * torch.randn(48, 64, generator=g)).requires_grad_()
+    y = fp8.fp8_matmul(x, w)
+    gy = torch.randn(y.shape, generator=g).to(torch.bfloat16)
+    y.backward(gy)
+    xr, wr = x.detach().float().requires_grad_(), w.detach().clone().requires_grad_()
+    yr = F.linear(xr, wr)
+    yr.backward(gy.float())
+    assert y.dtype == torch.bfloat16 and y.shape == (4, 32, 48)
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    # e4m3 keeps 3 mantissa bits (relative step 1/8), e5m2 2 bits: errors of a few percent, not more
+    assert rel_err(y, yr) < 0.06
+    assert rel_err(x.grad, xr.grad) < 0.12 and rel_err(w.grad, wr.grad) < 0.12
+
+
+def test_fp8_only_while_training_and_on_suitable_shapes():
+    x, w = torch.randn(8, 64), torch.randn(32, 64)
+    with torch.no_grad():  # evaluation: plain F.linear, bit for bit
+        assert torch.equal(fp8.fp8_linear(x, w), F.linear(x, w))
+    assert not torch.equal(fp8.fp8_linear(x, w), F.linear(x, w))  # training: the FP8 path
+    x2, w2 = torch.randn(8, 60), torch.randn(32, 60)  # 60 is not a multiple of 16: falls back
+    assert torch.equal(fp8.fp8_linear(x2, w2), F.linear(x2, w2))
+    with pytest.raises(ValueError, match="fp8='bf8'"):
+        fp8.convert(GPT(make_config("tiny", vocab_size=256)), "bf8")
+    with pytest.raises(ValueError, match="fp8='bf8'"):
+        TrainConfig(fp8="bf8")
+
+
+def test_convert_keeps_parameters_and_a_tiny_model_learns():
+    torch.manual_seed(0)
+    cfg = make_config("tiny", vocab_size=256)
+    model = GPT(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fp8.convert(model, "all")
+    assert model.state_dict().keys() == before.keys()
+    assert type(model.blocks[0].mlp.fc) is fp8.FP8Linear and model.output_linear is fp8.fp8_linear
+    idx = torch.randint(0, 256, (8, 65), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # evaluation: the full-precision path, exactly
+        ref = GPT(cfg)
+        ref.load_state_dict(before)
+        assert torch.equal(model(idx[:, :-1], idx[:, 1:])[1], ref(idx[:, :-1], idx[:, 1:])[1])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):  # memorise one batch
+        _, loss = model(idx[:, :-1], idx[:, 1:], return_logits=False)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0, losses[::8]
