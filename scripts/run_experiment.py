@@ -116,7 +116,15 @@ def run_plan(plan: dict, slots: list[str], force: bool = False, poll_s: float = 
             argv = command(jobs[name], plan["run_name"])
             env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "" if slot == "cpu" else slot}
             logf = open(out / "logs" / f"{name}.log", "w")
-            proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT)
+            try:
+                proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT)
+            except OSError as e:  # e.g. a command that does not exist: this job fails, the plan goes on
+                logf.close()
+                free.insert(0, slot)
+                rec["jobs"][name] = {"status": "failed", "command": shlex.join(argv), "reason": str(e)}
+                save()
+                log(f"[failed] {name}: {e}")
+                continue
             running[name] = (proc, slot, logf, time.time())
             rec["jobs"][name] = {"status": "running", "gpu": slot, "command": shlex.join(argv),
                                  "start": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
