@@ -125,7 +125,7 @@ def section(title: str, body) -> str:
         body = markdown_table(body, ".4g")
     elif isinstance(body, (list, tuple)):
         body = "\n".join(f"- {line}" for line in body) + "\n"
-    return f"### {title}\n\n{body}\n"
+    return f"#### {title}\n\n{body}\n"
 
 
 def replace_block(path, block: str):
