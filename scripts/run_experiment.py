@@ -130,7 +130,12 @@ def run_plan(plan: dict, slots: list[str], force: bool = False, poll_s: float = 
                                  "start": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             save()
             log(f"[start] {name} on {slot}")
-        if not running:
+        if not running:  # nothing runs and nothing could start: what is left waits on a failure
+            for name in jobs:
+                if status(name) == "pending":
+                    rec["jobs"][name] = {"status": "skipped", "reason": "a job it needs did not succeed"}
+                    log(f"[skip] {name}")
+            save()
             break
         time.sleep(poll_s)
         for name, (proc, slot, logf, t0) in list(running.items()):

@@ -64,16 +64,17 @@ def test_needs_and_slots(env):
 
 def test_failure_skips_dependents_and_rerun_skips_done(env):
     plan = {"run_name": "t", "jobs": [traced("a", 0.0, rc=3), traced("b", 0.0), traced("c", 0.0, needs=["a"]),
-                                      traced("d", 0.0, needs=["c"]), {"name": "e", "command": "no-such-program-gm"}]}
+                                      traced("d", 0.0, needs=["c"]), {"name": "e", "command": "no-such-program-gm"},
+                                      traced("f", 0.0, needs=["e"])]}
     rec = run_experiment.run_plan(plan, ["cpu"], poll_s=0.02, log=lambda *_: None)
     assert {n: j["status"] for n, j in rec["jobs"].items()} == {"a": "failed", "b": "ok", "c": "skipped", "d": "skipped",
-                                                               "e": "failed"}
+                                                               "e": "failed", "f": "skipped"}
     assert "no-such-program-gm" in rec["jobs"]["e"]["reason"]
     assert rec["jobs"]["a"]["rc"] == 3 and "c start" not in "".join(events(env))
     assert events(env)[0] == "a start "  # the CPU slot hides every GPU
     (env / "trace.txt").unlink()
     plan["jobs"][0] = traced("a", 0.0)  # fixed: a rerun runs a, c, d but not b again
-    plan["jobs"].pop()
+    del plan["jobs"][4:]
     rec = run_experiment.run_plan(plan, ["cpu"], poll_s=0.02, log=lambda *_: None)
     assert all(j["status"] == "ok" for j in rec["jobs"].values())
     assert [e.split()[0] for e in events(env) if " start" in e] == ["a", "c", "d"]
@@ -128,3 +129,9 @@ def test_run_notebooks_parameter_order(tmp_path):
     (tmp_path / "bad.yaml").write_text("- a list\n")
     with pytest.raises(SystemExit, match="bad.yaml"):
         rn.read_yaml(tmp_path / "bad.yaml")
+
+
+def test_a_job_that_cannot_start_skips_its_dependents(env):
+    plan = {"run_name": "t", "jobs": [{"name": "e", "command": "no-such-program-gm"}, traced("f", 0.0, needs=["e"])]}
+    rec = run_experiment.run_plan(plan, ["0"], poll_s=0.02, log=lambda *_: None)
+    assert {n: j["status"] for n, j in rec["jobs"].items()} == {"e": "failed", "f": "skipped"}
