@@ -136,3 +136,14 @@ def replace_block(path, block: str):
     if len(pattern.findall(text)) != 1:
         raise ValueError(f"{path}: expected one '{BEGIN}' ... '{END}' block to replace")
     atomic.write_text(path, pattern.sub(lambda _: f"{BEGIN}\n{block.strip()}\n{END}", text))
+
+
+def generations(record: dict, models: list) -> str:
+    """The continuations of `models` for each prompt, from 05's eval_generations.json."""
+    params = ", ".join(f"{k}={v}" for k, v in record["params"].items())
+    lines = [f"Sampling: {params}.", ""]
+    for pname, by_model in record["texts"].items():
+        lines += [f"**{pname}.** Context: {record['prompts'][pname]}", ""]
+        lines += [f"- **{m}:** …{' '.join(by_model[m].split())}" for m in models if m in by_model]
+        lines.append("")
+    return "\n".join(lines)

@@ -61,3 +61,11 @@ def test_cost_table_reads_every_stage(tmp_path):
         '{"stages": {"03_train_dense.a": {"device": "NVIDIA H100", "seconds": 330}, "05_evaluate": {"device": "cpu (x)", "seconds": 6}}}')
     t = report.cost_table([tmp_path / "run" / "metrics.json"])
     assert list(t["stage"]) == ["03_train_dense.a", "05_evaluate"] and list(t["minutes"]) == [5.5, 0.1]
+
+
+def test_generations_show_the_chosen_models_per_prompt():
+    rec = {"params": {"seed": 0}, "prompts": {"p": "Мама мыла"},
+           "texts": {"p": {"dense": " раму\nи окно", "gm-k1": " пол", "gm-expert0": " стол"}}}
+    md = report.generations(rec, ["dense", "gm-k1"])
+    assert "**p.** Context: Мама мыла" in md and "- **dense:** …раму и окно" in md and "- **gm-k1:** …пол" in md
+    assert "gm-expert0" not in md and "Sampling: seed=0." in md
