@@ -9,7 +9,7 @@
 #                                                             # reviews/ (optional), then the plan under setsid
 #   bash scripts/background_plan.sh watch SECONDS OUT.tgz     # wait for the plan to end (at most SECONDS), pack results
 #
-# Make the archive here with:  (cd work/data && tar cf - shards tokenizer.model tokenizer.json | xz -1 -T2) > ARCHIVE
+# Make the archive here with:  (cd work/data && tar cf - shards tokenizer.model tokenizer.json | xz -6 -T2) > ARCHIVE   # about 54 MB
 set -euo pipefail
 ROOT=${GM_ROOT:-/root/gm}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
