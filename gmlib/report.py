@@ -69,7 +69,7 @@ def verdict(quality: pd.DataFrame, summary: dict) -> list[str]:
         lines.append(f"{r.model} ({_m(r.params_total)} stored, {_m(r.params_active)} active, "
                      f"{r.train_gpu_seconds:.0f} device-s) is {word} {ref.model} ({_m(ref.params_total)}, "
                      f"{ref.train_gpu_seconds:.0f} device-s): bpb {r.bpb:.4f} against {ref.bpb:.4f}, difference "
-                     f"{r.bpb_delta:+.4f} [{r.bpb_delta_lo:+.4f}, {r.bpb_delta_hi:+.4f}].")
+                     f"{_ci(r.bpb_delta, r.bpb_delta_lo, r.bpb_delta_hi, '{:+.4f}')}.")
     return lines
 
 

@@ -104,12 +104,15 @@ def run_plan(plan: dict, slots: list[str], force: bool = False, poll_s: float = 
     def status(n):
         return rec["jobs"][n]["status"]
 
+    def skip(name):
+        rec["jobs"][name] = {"status": "skipped", "reason": "a job it needs did not succeed"}
+        log(f"[skip] {name}")
+
     save()
     while True:
         for name, job in jobs.items():  # skip what can no longer run
             if status(name) == "pending" and any(status(n) in ("failed", "skipped") for n in job.get("needs", [])):
-                rec["jobs"][name] = {"status": "skipped", "reason": "a job it needs did not succeed"}
-                log(f"[skip] {name}")
+                skip(name)
         ready = [n for n, j in jobs.items() if status(n) == "pending" and all(status(d) == "ok" for d in j.get("needs", []))]
         while ready and free:
             name, slot = ready.pop(0), free.pop(0)
@@ -133,8 +136,7 @@ def run_plan(plan: dict, slots: list[str], force: bool = False, poll_s: float = 
         if not running:  # nothing runs and nothing could start: what is left waits on a failure
             for name in jobs:
                 if status(name) == "pending":
-                    rec["jobs"][name] = {"status": "skipped", "reason": "a job it needs did not succeed"}
-                    log(f"[skip] {name}")
+                    skip(name)
             save()
             break
         time.sleep(poll_s)
