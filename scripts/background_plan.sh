@@ -42,10 +42,21 @@ case ${1:-} in
     mkdir -p "$GM_RESULTS_DIR"
     cd "$REPO"
     setsid nohup python3 scripts/run_experiment.py "$plan" > "$ROOT/plan.log" 2>&1 < /dev/null &
+    echo $! > "$ROOT/plan.pid"
     echo "started: $plan (log $ROOT/plan.log)" ;;
   watch)
+    # A machine given back between calls comes back bare: say so at once instead of waiting out
+    # SECONDS of device time (2026-11-28: 560 s were spent watching nothing).
+    if [ ! -f "$ROOT/plan.pid" ]; then
+      echo "watch: no plan was started on this machine ($ROOT/plan.pid missing): it is a fresh one;" \
+           "stage and start again" >&2
+      exit 3
+    fi
     end=$((SECONDS + ${2:?seconds}))
-    while [ $SECONDS -lt "$end" ] && [ "$(plan_state)" != done ]; do sleep 10; done
+    # stop early when the plan is done, or when its process has ended (crashed) with jobs left
+    while [ $SECONDS -lt "$end" ] && [ "$(plan_state)" != done ] && kill -0 "$(cat "$ROOT/plan.pid")" 2>/dev/null; do
+      sleep 10
+    done
     plan_state
     tail -n 20 "$ROOT/plan.log" || true
     tar czf "${3:?out.tgz}" -C "$ROOT" results $(cd "$ROOT" && ls plan.log 2>/dev/null) ;;
