@@ -16,7 +16,9 @@ A notebook job runs scripts/run_notebooks.py for one notebook with one params fi
 a command job runs its command. A job starts once every job it `needs` has succeeded and a GPU
 is free (the first ready job in plan order takes it); it sees that GPU alone (CUDA_VISIBLE_DEVICES),
 so each training run is charged one GPU's seconds, as if it had the machine to itself. A job whose
-needs failed is skipped. Without GPUs the jobs run one at a time on the CPU.
+needs failed is skipped. A job may also wait until others have ended, however they ended (`after`):
+two parts of one evaluation that write the same files run one after the other, and the second runs
+even if the first failed. Without GPUs the jobs run one at a time on the CPU.
 
 The record, results/<run_name>/schedule.json, is rewritten at every start and end: each job's
 command, GPU, start, end, seconds and status; every job's output goes to results/<run_name>/logs/.
@@ -39,7 +41,7 @@ sys.path.insert(0, str(REPO))
 from gmlib import atomic  # noqa: E402
 from gmlib.paths import results_dir  # noqa: E402
 
-KEYS = {"name", "notebook", "params", "tag", "command", "needs"}
+KEYS = {"name", "notebook", "params", "tag", "command", "needs", "after"}
 
 
 def load_plan(path: Path) -> dict:
@@ -63,8 +65,9 @@ def load_plan(path: Path) -> dict:
             raise ValueError(f"{where}: give either a notebook or a command")
         if "notebook" in job and not (REPO / job.get("params", "")).is_file():
             raise ValueError(f"{where}: params file {job.get('params')!r} not found")
-        if missing := [n for n in job.get("needs", []) if n not in seen]:
-            raise ValueError(f"{where}: needs {missing}, which no earlier job is")
+        for key in ("needs", "after"):
+            if missing := [n for n in job.get(key, []) if n not in seen]:
+                raise ValueError(f"{where}: {key} {missing}, which no earlier job is")
         seen.add(job["name"])
     return plan
 
@@ -113,7 +116,8 @@ def run_plan(plan: dict, slots: list[str], force: bool = False, poll_s: float = 
         for name, job in jobs.items():  # skip what can no longer run
             if status(name) == "pending" and any(status(n) in ("failed", "skipped") for n in job.get("needs", [])):
                 skip(name)
-        ready = [n for n, j in jobs.items() if status(n) == "pending" and all(status(d) == "ok" for d in j.get("needs", []))]
+        ready = [n for n, j in jobs.items() if status(n) == "pending" and all(status(d) == "ok" for d in j.get("needs", []))
+                 and all(status(d) in ("ok", "failed", "skipped") for d in j.get("after", []))]
         while ready and free:
             name, slot = ready.pop(0), free.pop(0)
             argv = command(jobs[name], plan["run_name"])

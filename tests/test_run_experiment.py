@@ -80,10 +80,22 @@ def test_failure_skips_dependents_and_rerun_skips_done(env):
     assert [e.split()[0] for e in events(env) if " start" in e] == ["a", "c", "d"]
 
 
+def test_after_waits_for_the_end_but_not_for_success(env):
+    # two parts of one evaluation: the second waits for the first to end, and runs although it failed;
+    # with two slots it would otherwise start at once
+    b = {**traced("b", 0.0), "after": ["a"]}
+    plan = {"run_name": "t", "jobs": [traced("a", 0.3, rc=1), b, {**traced("c", 0.0, needs=["a"]), "after": ["b"]}]}
+    rec = run_experiment.run_plan(plan, ["0", "1"], poll_s=0.02, log=lambda *_: None)
+    assert {n: j["status"] for n, j in rec["jobs"].items()} == {"a": "failed", "b": "ok", "c": "skipped"}
+    ev = events(env)
+    assert [e.split()[:2] for e in ev] == [["a", "start"], ["a", "end"], ["b", "start"], ["b", "end"]]
+
+
 @pytest.mark.parametrize("jobs, message", [
     ([{"name": "a", "command": "true"}, {"name": "a", "command": "true"}], "used twice"),
     ([{"name": "a"}], "either a notebook or a command"),
     ([{"name": "a", "command": "true", "needs": ["b"]}, {"name": "b", "command": "true"}], "no earlier job"),
+    ([{"name": "a", "command": "true", "after": ["b"]}, {"name": "b", "command": "true"}], "after .* no earlier job"),
     ([{"name": "a", "notebook": "03", "params": "params/nope.yaml"}], "not found"),
     ([{"name": "a", "command": "true", "gpu": 1}], "unknown keys"),
 ])
