@@ -60,6 +60,9 @@ VARIANTS = {
     "124m-b32-relu2-cudnn-fp8head": dict(config="124m", activation="relu2", sdpa="cudnn", fp8="head"),
     "124m-b32-relu2-cudnn-fp8": dict(config="124m", activation="relu2", sdpa="cudnn", fp8="all"),
     "350m-b16-fp8": dict(config="350m", batch=16, fp8="all"),
+    # the measured gains stacked: batch 64 (+2.2% alone), ReLU², cuDNN attention, with and without FP8
+    "124m-b64-relu2-cudnn": dict(config="124m", batch=64, activation="relu2", sdpa="cudnn"),
+    "124m-b64-relu2-cudnn-fp8": dict(config="124m", batch=64, activation="relu2", sdpa="cudnn", fp8="all"),
     "tiny-cpu": dict(config="tiny", batch=8, compile=False, seq_len=128),
 }
 SUITES = {
