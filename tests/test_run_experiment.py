@@ -3,7 +3,10 @@ slot, a failure skips what needs it, a rerun skips what succeeded; RunLog merges
 import importlib.util
 import json
 import multiprocessing as mp
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +150,27 @@ def test_a_job_that_cannot_start_skips_its_dependents(env):
     plan = {"run_name": "t", "jobs": [{"name": "e", "command": "no-such-program-gm"}, traced("f", 0.0, needs=["e"])]}
     rec = run_experiment.run_plan(plan, ["0"], poll_s=0.02, log=lambda *_: None)
     assert {n: j["status"] for n, j in rec["jobs"].items()} == {"e": "failed", "f": "skipped"}
+
+
+def test_background_watch_on_a_fresh_machine_stops_at_once(tmp_path):
+    # a device call that lands on a fresh machine (the one that ran the plan was given back) must say so,
+    # not wait out its seconds of device time watching a plan that is not there
+    script = Path(run_experiment.REPO) / "scripts" / "background_plan.sh"
+    env = {**os.environ, "GM_ROOT": str(tmp_path / "root")}
+    t0 = time.time()
+    p = subprocess.run(["bash", str(script), "watch", "60", str(tmp_path / "out.tgz")], env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 3 and "fresh" in p.stderr and time.time() - t0 < 30
+
+
+def test_background_watch_stops_when_the_plan_process_died(tmp_path):
+    script = Path(run_experiment.REPO) / "scripts" / "background_plan.sh"
+    env = {**os.environ, "GM_ROOT": str(tmp_path / "root")}
+    (tmp_path / "plan.yaml").write_text("run_name: x\njobs: not-a-list\n")   # run_experiment refuses it at once
+    subprocess.run(["bash", str(script), "start", str(tmp_path / "plan.yaml")], env=env, check=True, capture_output=True)
+    t0 = time.time()
+    p = subprocess.run(["bash", str(script), "watch", "60", str(tmp_path / "out.tgz")], env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and time.time() - t0 < 30 and (tmp_path / "out.tgz").is_file()
+    assert "no schedule yet" in p.stdout and "plan.log" in subprocess.run(
+        ["tar", "tzf", str(tmp_path / "out.tgz")], capture_output=True, text=True).stdout
