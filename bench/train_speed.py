@@ -88,12 +88,11 @@ def random_shards(root: Path, n_tokens: int = 1 << 22):
     return root
 
 
-def measure(name: str, shard_dir: str, seconds: float) -> dict:
-    """Run in the child process: build, warm up, time; return one record."""
+def build_trainer(name: str, shard_dir):
+    """The variant's Trainer (and its settings and model config), as timed here and profiled by train_profile.py."""
     import torch
     from gmlib.data import TokenShards, WindowSampler
     from gmlib.model import GPT, make_config
-    from gmlib.runlog import device_name, git_commit
     from gmlib.train import Trainer, TrainConfig
 
     v = {**BASE, **VARIANTS[name]}
@@ -114,6 +113,15 @@ def measure(name: str, shard_dir: str, seconds: float) -> dict:
         model = tr.model
         tr.forward = torch.compile(lambda x, y, return_logits: model(x, y, return_logits=True), mode=v["mode"]) \
             if v["compile"] else (lambda x, y, return_logits: model(x, y, return_logits=True))
+    return tr, v, cfg
+
+
+def measure(name: str, shard_dir: str, seconds: float) -> dict:
+    """Run in the child process: build, warm up, time; return one record."""
+    import torch
+    from gmlib.runlog import device_name, git_commit
+
+    tr, v, cfg = build_trainer(name, shard_dir)
     cuda = tr.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
