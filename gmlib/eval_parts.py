@@ -37,8 +37,7 @@ def load_earlier(run_dir: Path, parus_style: str) -> dict | None:
             "parus_items": pd.read_csv(run_dir / "eval_parus_items.csv"),
             "parus": metrics["parus"],
             "texts": json.loads((run_dir / "eval_generations.json").read_text())["texts"],
-            "routers": {n: m["router"] for n, m in summary["models"].items() if m.get("router")},
-            "source": run_dir}
+            "routers": {n: m["router"] for n, m in summary["models"].items() if m.get("router")}}
 
 
 def merge_rows(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
@@ -48,7 +47,7 @@ def merge_rows(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
 
 def merge_quality(old: pd.DataFrame, new: pd.DataFrame, source) -> pd.DataFrame:
     """The quality table of all parts, the shared reference model first. Refuses parts that scored other
-    documents (token or byte counts differ) or another reference (name or bpb differ)."""
+    documents (document or byte counts differ) or another reference (name or bpb differ)."""
     a, b = old.iloc[0], new.iloc[0]
     same_docs = (a["n_docs"], a["n_bytes"]) == (b["n_docs"], b["n_bytes"])
     if a["model"] != b["model"] or not same_docs or not math.isclose(a["bpb"], b["bpb"], rel_tol=1e-4):
