@@ -170,7 +170,8 @@ def main(argv=None):
         sys.exit(str(e))
     if args.dry_run:
         for job in plan["jobs"]:
-            print(f"{job['name']}: {shlex.join(command(job, plan['run_name']))}  needs {job.get('needs', [])}" + (f"  after {job['after']}" if job.get('after') else ""))
+            after = f"  after {job['after']}" if job.get("after") else ""
+            print(f"{job['name']}: {shlex.join(command(job, plan['run_name']))}  needs {job.get('needs', [])}{after}")
         return
     rec = run_plan(plan, gpu_slots(args.gpus), force=args.force)
     bad = [n for n, j in rec["jobs"].items() if j["status"] != "ok"]

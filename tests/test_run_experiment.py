@@ -1,6 +1,5 @@
 """scripts/run_experiment.py: jobs start when their needs succeeded and a slot is free, one job per
 slot, a failure skips what needs it, a rerun skips what succeeded; RunLog merges metrics under a lock."""
-import importlib.util
 import json
 import multiprocessing as mp
 import os
@@ -13,11 +12,9 @@ import pytest
 import yaml
 
 from gmlib.runlog import RunLog
+from helpers import REPO, load_script
 
-REPO = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("run_experiment", REPO / "scripts" / "run_experiment.py")
-run_experiment = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(run_experiment)
+run_experiment = load_script("scripts/run_experiment.py")
 
 
 def job(name, code, needs=()):
@@ -133,9 +130,7 @@ def test_parallel_stages_keep_every_metric(tmp_path):
 
 def test_run_notebooks_parameter_order(tmp_path):
     """<params-dir>/<stem>.yaml, then --params-file, then -p: the later wins; a bad file names itself."""
-    spec = importlib.util.spec_from_file_location("run_notebooks", REPO / "scripts" / "run_notebooks.py")
-    rn = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rn)
+    rn = load_script("scripts/run_notebooks.py")
     (tmp_path / "03_train_dense.yaml").write_text("lr: 1.0\nbatch_size: 2\nmax_steps: 5\n")
     p = rn.notebook_params(Path("notebooks/03_train_dense.ipynb"), "r", tmp_path, {"batch_size": 4, "max_steps": 6},
                            {"max_steps": 7})
@@ -155,7 +150,7 @@ def test_a_job_that_cannot_start_skips_its_dependents(env):
 def test_background_watch_on_a_fresh_machine_stops_at_once(tmp_path):
     # a device call that lands on a fresh machine (the one that ran the plan was given back) must say so,
     # not wait out its seconds of device time watching a plan that is not there
-    script = Path(run_experiment.REPO) / "scripts" / "background_plan.sh"
+    script = REPO / "scripts" / "background_plan.sh"
     env = {**os.environ, "GM_ROOT": str(tmp_path / "root")}
     t0 = time.time()
     p = subprocess.run(["bash", str(script), "watch", "60", str(tmp_path / "out.tgz")], env=env,
@@ -164,7 +159,7 @@ def test_background_watch_on_a_fresh_machine_stops_at_once(tmp_path):
 
 
 def test_background_watch_stops_when_the_plan_process_died(tmp_path):
-    script = Path(run_experiment.REPO) / "scripts" / "background_plan.sh"
+    script = REPO / "scripts" / "background_plan.sh"
     env = {**os.environ, "GM_ROOT": str(tmp_path / "root")}
     (tmp_path / "plan.yaml").write_text("run_name: x\njobs: not-a-list\n")   # run_experiment refuses it at once
     subprocess.run(["bash", str(script), "start", str(tmp_path / "plan.yaml")], env=env, check=True, capture_output=True)

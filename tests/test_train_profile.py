@@ -1,20 +1,15 @@
 """bench/train_profile.py: kernel names map to the right kind, and a CPU profile of the tiny variant
 accounts for its step: every kind's share sums to one, and matmuls and the loss are seen."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+from helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def train_profile():
-    spec = importlib.util.spec_from_file_location("train_profile", BENCH / "train_profile.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench/train_profile.py")
 
 
 @pytest.mark.parametrize("name, kind", [
