@@ -18,7 +18,10 @@ is free (the first ready job in plan order takes it); it sees that GPU alone (CU
 so each training run is charged one GPU's seconds, as if it had the machine to itself. A job whose
 needs failed is skipped. A job may also wait until others have ended, however they ended (`after`):
 two parts of one evaluation that write the same files run one after the other, and the second runs
-even if the first failed. Without GPUs the jobs run one at a time on the CPU.
+even if the first failed. A notebook job may take parameters from what an earlier job measured
+(`params_from`): {tokens: dense30m.tokens} passes `-p tokens <results/<run_name>/metrics.json's
+dense30m.tokens>`, so a gm trains exactly the tokens its dense baseline reached in its seconds; list
+that job in `needs`. Without GPUs the jobs run one at a time on the CPU.
 
 The record, results/<run_name>/schedule.json, is rewritten at every start and end: each job's
 command, GPU, start, end, seconds and status; every job's output goes to results/<run_name>/logs/.
@@ -41,7 +44,7 @@ sys.path.insert(0, str(REPO))
 from gmlib import atomic  # noqa: E402
 from gmlib.paths import results_dir  # noqa: E402
 
-KEYS = {"name", "notebook", "params", "tag", "command", "needs", "after"}
+KEYS = {"name", "notebook", "params", "tag", "command", "needs", "after", "params_from"}
 
 
 def load_plan(path: Path) -> dict:
@@ -65,6 +68,10 @@ def load_plan(path: Path) -> dict:
             raise ValueError(f"{where}: give either a notebook or a command")
         if "notebook" in job and not (REPO / job.get("params", "")).is_file():
             raise ValueError(f"{where}: params file {job.get('params')!r} not found")
+        src = job.get("params_from", {})
+        if not isinstance(src, dict) or ("command" in job and src) or \
+                not all(isinstance(v, str) and v.count(".") == 1 for v in src.values()):
+            raise ValueError(f"{where}: params_from maps a notebook's parameter to 'model.field' of metrics.json")
         for key in ("needs", "after"):
             if missing := [n for n in job.get(key, []) if n not in seen]:
                 raise ValueError(f"{where}: {key} {missing}, which no earlier job is")
@@ -72,12 +79,30 @@ def load_plan(path: Path) -> dict:
     return plan
 
 
-def command(job: dict, run_name: str) -> list[str]:
+def measured(job: dict, run_name: str) -> dict:
+    """The job's params_from values, read from results/<run_name>/metrics.json (ValueError if missing)."""
+    if not job.get("params_from"):
+        return {}
+    path = results_dir(run_name) / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    out = {}
+    for name, src in job["params_from"].items():
+        model, field = src.split(".")
+        if field not in metrics.get(model, {}):
+            raise ValueError(f"params_from {name}: {path} has no {src}")
+        out[name] = metrics[model][field]
+    return out
+
+
+def command(job: dict, run_name: str, values: dict | None = None) -> list[str]:
+    """The job's argv; `values` are the params_from parameters (shown as <model.field> when None)."""
     if "command" in job:
         argv = shlex.split(job["command"])
         return [sys.executable if argv[0] in ("python", "python3") else argv[0], *argv[1:]]
     argv = [sys.executable, str(REPO / "scripts" / "run_notebooks.py"), "--run-name", run_name,
             "--only", str(job["notebook"]), "-f", str(REPO / job["params"])]
+    for name, src in job.get("params_from", {}).items():
+        argv += ["-p", name, json.dumps(values[name]) if values is not None else f"<{src}>"]
     return argv + (["--tag", job["tag"]] if job.get("tag") else [])
 
 
@@ -120,15 +145,16 @@ def run_plan(plan: dict, slots: list[str], force: bool = False, poll_s: float = 
                  and all(status(d) in ("ok", "failed", "skipped") for d in j.get("after", []))]
         while ready and free:
             name, slot = ready.pop(0), free.pop(0)
-            argv = command(jobs[name], plan["run_name"])
             env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "" if slot == "cpu" else slot}
             logf = open(out / "logs" / f"{name}.log", "w")
             try:
+                argv = command(jobs[name], plan["run_name"], measured(jobs[name], plan["run_name"]))
                 proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT)
-            except OSError as e:  # e.g. a command that does not exist: this job fails, the plan goes on
-                logf.close()
+            except (OSError, ValueError) as e:  # a command that does not exist, a measurement missing:
+                logf.close()                    # this job fails, the plan goes on
                 free.insert(0, slot)
-                rec["jobs"][name] = {"status": "failed", "command": shlex.join(argv), "reason": str(e)}
+                rec["jobs"][name] = {"status": "failed", "command": shlex.join(command(jobs[name], plan["run_name"])),
+                                     "reason": str(e)}
                 save()
                 log(f"[failed] {name}: {e}")
                 continue

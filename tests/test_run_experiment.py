@@ -98,6 +98,9 @@ def test_after_waits_for_the_end_but_not_for_success(env):
     ([{"name": "a", "command": "true", "after": ["b"]}, {"name": "b", "command": "true"}], "after .* no earlier job"),
     ([{"name": "a", "notebook": "03", "params": "params/nope.yaml"}], "not found"),
     ([{"name": "a", "command": "true", "gpu": 1}], "unknown keys"),
+    ([{"name": "a", "command": "true", "params_from": {"tokens": "d.tokens"}}], "params_from"),
+    ([{"name": "a", "notebook": "04", "params": "params/experiment/04_gm_local.yaml",
+       "params_from": {"tokens": "tokens"}}], "params_from"),
 ])
 def test_bad_plans_are_refused(tmp_path, jobs, message):
     path = tmp_path / "plan.yaml"
@@ -111,6 +114,22 @@ def test_committed_plan_is_valid():
     plan = run_experiment.load_plan(REPO / "params" / "experiment" / "plan.yaml")
     cmd = run_experiment.command(plan["jobs"][0], plan["run_name"])
     assert cmd[0] == sys.executable and "--tag" in cmd
+
+
+def test_params_from_passes_what_an_earlier_job_measured(env):
+    """A gm trains the tokens its dense baseline reached: the value comes from metrics.json at the
+    job's start; while it is missing the job fails with the reason, and what needs it is skipped."""
+    gm = {"name": "gm", "notebook": "04", "params": "params/experiment/04_gm_local.yaml", "tag": "gm",
+          "params_from": {"tokens": "dense30m.tokens"}}
+    assert "<dense30m.tokens>" in run_experiment.command(gm, "t")  # the dry run's display
+    plan = {"run_name": "t", "jobs": [gm, traced("after_gm", 0.0, needs=["gm"])]}
+    rec = run_experiment.run_plan(plan, ["cpu"], poll_s=0.02, log=lambda *_: None)
+    assert {n: j["status"] for n, j in rec["jobs"].items()} == {"gm": "failed", "after_gm": "skipped"}
+    assert "has no dense30m.tokens" in rec["jobs"]["gm"]["reason"]
+    RunLog("t", "03_train_dense", tag="dense30m").save_metrics({"dense30m": {"tokens": 123456}})
+    assert run_experiment.measured(gm, "t") == {"tokens": 123456}
+    argv = run_experiment.command(gm, "t", run_experiment.measured(gm, "t"))
+    assert argv[argv.index("-p"):argv.index("-p") + 3] == ["-p", "tokens", "123456"]
 
 
 def _save(args):
