@@ -23,7 +23,7 @@ from train_speed import VARIANTS, build_trainer, merge, random_shards, results_d
 
 # name fragments, tried in this order (an attention kernel may also say "gemm")
 KINDS = [("attention", ("flash", "fmha", "cudnn", "sdpa", "attention")),
-         ("matmul", ("gemm", "nvjet", "cutlass", "scaled_mm", "aten::mm", "aten::addmm", "aten::bmm", "matmul",
+         ("matmul", ("gemm", "nvjet", "cutlass", "triton_tem", "scaled_mm", "aten::mm", "aten::addmm", "aten::bmm", "matmul",
                      "mmbackward")),
          ("loss", ("cross_entropy", "nll_loss", "log_softmax", "logsoftmax", "logsumexp")),
          ("optimizer", ("adam", "multi_tensor", "foreach")),
@@ -31,9 +31,15 @@ KINDS = [("attention", ("flash", "fmha", "cudnn", "sdpa", "attention")),
          ("copies", ("memcpy", "memset", "aten::copy_", "aten::to", "aten::clone", "aten::contiguous"))]
 
 
+# inductor's pointwise / persistent / reduction kernels: they also carry the names of the ops they feed,
+# so an FP8 cast reads "triton_poi_fused__scaled_mm_..." but is no matmul (its templates, triton_tem_, are)
+FUSED = ("triton_poi", "triton_per", "triton_red")
+
+
 def kind(name: str) -> str:
     low = name.lower()
-    return next((k for k, frags in KINDS if any(f in low for f in frags)), "other")
+    fused = low.startswith(FUSED)
+    return next((k for k, frags in KINDS if not (fused and k == "matmul") and any(f in low for f in frags)), "other")
 
 
 def summarize(events, device: bool, steps: int) -> dict:

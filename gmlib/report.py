@@ -52,13 +52,28 @@ def heldout_table(quality: pd.DataFrame, summary: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _unpaired(r, d) -> str:
+    """r against another model d by their own 95% intervals (05 pairs only with the reference)."""
+    if r.bpb_lo > d.bpb_hi:
+        word = "worse, the 95% intervals apart"
+    elif r.bpb_hi < d.bpb_lo:
+        word = "better, the 95% intervals apart"
+    else:
+        word = "the 95% intervals overlap"
+    return (f" Against {d.model} ({_m(d.params_total)}, {d.train_gpu_seconds:.0f} device-s): {word}, bpb "
+            f"{_ci(r.bpb, r.bpb_lo, r.bpb_hi)} against {_ci(d.bpb, d.bpb_lo, d.bpb_hi)}.")
+
+
 def verdict(quality: pd.DataFrame, summary: dict) -> list[str]:
     """For every gm mixture, in words: better, worse or not distinguishable from the reference
-    model (the first), by the paired bootstrap interval of the bpb difference."""
+    model (the first), by the paired bootstrap interval of the bpb difference; then against every
+    other dense model, by the two models' own intervals."""
     ref = quality.iloc[0]
+    kinds = [kind(m, summary["models"].get(m, {}).get("router")) for m in quality["model"]]
+    others = [d for d, k in zip(quality.iloc[1:].itertuples(), kinds[1:]) if k == "dense"]
     lines = []
-    for r in quality.itertuples():
-        if kind(r.model, summary["models"].get(r.model, {}).get("router")) != "gm mixture":
+    for r, k in zip(quality.itertuples(), kinds):
+        if k != "gm mixture":
             continue
         if r.bpb_delta_hi < 0:
             word = "better than"
@@ -69,7 +84,8 @@ def verdict(quality: pd.DataFrame, summary: dict) -> list[str]:
         lines.append(f"{r.model} ({_m(r.params_total)} stored, {_m(r.params_active)} active, "
                      f"{r.train_gpu_seconds:.0f} device-s) is {word} {ref.model} ({_m(ref.params_total)}, "
                      f"{ref.train_gpu_seconds:.0f} device-s): bpb {r.bpb:.4f} against {ref.bpb:.4f}, difference "
-                     f"{_ci(r.bpb_delta, r.bpb_delta_lo, r.bpb_delta_hi, '{:+.4f}')}.")
+                     f"{_ci(r.bpb_delta, r.bpb_delta_lo, r.bpb_delta_hi, '{:+.4f}')}."
+                     + "".join(_unpaired(r, d) for d in others))
     return lines
 
 

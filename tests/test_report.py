@@ -18,7 +18,7 @@ def quality(deltas):
 
 
 def summary(q):
-    return {"models": {m: {"router": None if m == "dense" else "local"} for m in q["model"]}}
+    return {"models": {m: {"router": "local" if m.startswith("gm") else None} for m in q["model"]}}
 
 
 def test_verdict_reads_the_paired_interval():
@@ -27,6 +27,19 @@ def test_verdict_reads_the_paired_interval():
     assert [line.split(" is ")[1].split(" dense")[0] for line in lines] == [
         "better than", "worse than", "not distinguishable from"]
     assert "800M stored, 100M active" in lines[0] and "-0.1500" in lines[0]
+    assert "Against" not in lines[0]  # no other dense model to compare with
+
+
+def test_verdict_compares_other_dense_models_by_their_intervals():
+    q = quality([(0.2, 0.3), (-0.1, 0.1), (-0.4, -0.3)])
+    q[["bpb_lo", "bpb_hi"]] = [[0.9, 1.1], [1.15, 1.35], [0.8, 1.0], [0.6, 0.7]]  # reference, gm0, gm1, gm2
+    big = {**q.iloc[0].to_dict(), "model": "dense_big", "bpb": 0.8, "bpb_lo": 0.75, "bpb_hi": 0.85, "params_total": 300e6}
+    q = pd.concat([q.iloc[:1], pd.DataFrame([big]), q.iloc[1:]], ignore_index=True)
+    lines = report.verdict(q, summary(q))
+    assert len(lines) == 3 and all("Against dense_big (300M, 300 device-s)" in line for line in lines)
+    assert [line.split("device-s): ")[-1].split(", bpb")[0] for line in lines] == [
+        "worse, the 95% intervals apart", "the 95% intervals overlap", "better, the 95% intervals apart"]
+    assert "against 0.8000 [0.7500, 0.8500]" in lines[0]
 
 
 def test_heldout_table_keeps_every_model_and_marks_kinds():

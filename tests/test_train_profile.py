@@ -22,6 +22,9 @@ def train_profile():
     ("Memcpy HtoD (Pinned -> Device)", "copies"),
     ("triton_poi_fused_add_mul_rsqrt_0", "other"),
     ("triton_poi_fused__to_copy_add_mul_1", "other"),
+    # an FP8 cast that inductor names after the scaled matmul it feeds, and a matmul template
+    ("triton_poi_fused__fused_rms_norm__scaled_mm__to_copy_clamp_clone_mul_reciprocal_t_view_2", "other"),
+    ("triton_tem_fused_mm_0", "matmul"),
 ])
 def test_kernel_kinds(train_profile, name, kind):
     assert train_profile.kind(name) == kind
