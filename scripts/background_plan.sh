@@ -6,10 +6,13 @@
 #
 #   bash scripts/background_plan.sh stage ARCHIVE            # unpack a tar.xz of work/data's shards/ and tokenizer.*
 #   bash scripts/background_plan.sh start PLAN [WHEELS] [RAW] # offline wheels (optional), raw data dir with parus/ and
-#                                                             # reviews/ (optional), then the plan under setsid
+#                                                             # reviews/ (optional), an import check, then the plan
+#                                                             # under setsid
 #   bash scripts/background_plan.sh watch SECONDS OUT.tgz     # wait for the plan to end (at most SECONDS), pack results
 #
 # Make the archive here with:  (cd work/data && tar cf - shards tokenizer.model tokenizer.json | xz -6 -T2) > ARCHIVE   # about 54 MB
+# and the wheels with ../shared/tools/gpu-wheels.sh WHEELS, then add ftfy and wcwidth (data_prep.clean):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d WHEELS ftfy wcwidth
 set -euo pipefail
 ROOT=${GM_ROOT:-/root/gm}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -39,8 +42,13 @@ case ${1:-} in
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$3"/*.whl
     fi
     if [ -n "${4:-}" ]; then mkdir -p "$GM_DATA_DIR" && cp -r "$4"/. "$GM_DATA_DIR"/; fi
-    mkdir -p "$GM_RESULTS_DIR"
+    # Fail now, not minutes into the plan, if a module the notebooks import is missing (2026-11-28:
+    # 06 needs ftfy through data_prep.clean, which the wheel set lacked, and failed after the training).
     cd "$REPO"
+    python3 -c "import importlib, pkgutil, gmlib, papermill, ipykernel, data_prep.clean
+[importlib.import_module(m.name) for m in pkgutil.iter_modules(gmlib.__path__, 'gmlib.')]" \
+      || { echo "start: a module the plan's notebooks import is missing here: add its wheel to ${3:-WHEELS}" >&2; exit 4; }
+    mkdir -p "$GM_RESULTS_DIR"
     setsid nohup python3 scripts/run_experiment.py "$plan" > "$ROOT/plan.log" 2>&1 < /dev/null &
     echo $! > "$ROOT/plan.pid"
     echo "started: $plan (log $ROOT/plan.log)" ;;

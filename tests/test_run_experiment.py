@@ -177,9 +177,28 @@ def test_background_watch_on_a_fresh_machine_stops_at_once(tmp_path):
     assert p.returncode == 3 and "fresh" in p.stderr and time.time() - t0 < 30
 
 
+def _plan_env(tmp_path):
+    """background_plan.sh's environment: its python3 is this interpreter, as on the GPU machine."""
+    return {**os.environ, "GM_ROOT": str(tmp_path / "root"),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_background_start_refuses_a_machine_missing_a_module(tmp_path):
+    # 2026-11-28: fine-tuning failed after all the training, for want of ftfy; start now checks first
+    env = _plan_env(tmp_path)
+    site = tmp_path / "root" / "site"
+    site.mkdir(parents=True)
+    (site / "papermill.py").write_text("raise ImportError('no papermill on this machine')\n")
+    (tmp_path / "plan.yaml").write_text("run_name: x\njobs: []\n")
+    p = subprocess.run(["bash", str(REPO / "scripts" / "background_plan.sh"), "start", str(tmp_path / "plan.yaml")],
+                       env=env, capture_output=True, text=True)
+    assert p.returncode == 4 and "missing" in p.stderr and "no papermill" in p.stderr
+    assert not (tmp_path / "root" / "plan.pid").exists()
+
+
 def test_background_watch_stops_when_the_plan_process_died(tmp_path):
     script = REPO / "scripts" / "background_plan.sh"
-    env = {**os.environ, "GM_ROOT": str(tmp_path / "root")}
+    env = _plan_env(tmp_path)
     (tmp_path / "plan.yaml").write_text("run_name: x\njobs: not-a-list\n")   # run_experiment refuses it at once
     subprocess.run(["bash", str(script), "start", str(tmp_path / "plan.yaml")], env=env, check=True, capture_output=True)
     t0 = time.time()
