@@ -23,8 +23,8 @@ from train_speed import VARIANTS, build_trainer, merge, random_shards, results_d
 
 # name fragments, tried in this order (an attention kernel may also say "gemm")
 KINDS = [("attention", ("flash", "fmha", "cudnn", "sdpa", "attention")),
-         ("matmul", ("gemm", "nvjet", "cutlass", "triton_tem", "scaled_mm", "aten::mm", "aten::addmm", "aten::bmm", "matmul",
-                     "mmbackward")),
+         ("matmul", ("gemm", "nvjet", "cutlass", "triton_tem", "scaled_mm", "aten::mm", "aten::addmm", "aten::bmm",
+                     "matmul", "mmbackward")),
          ("loss", ("cross_entropy", "nll_loss", "log_softmax", "logsoftmax", "logsumexp")),
          ("optimizer", ("adam", "multi_tensor", "foreach")),
          # inductor names fused kernels after their ops ("triton_poi_fused__to_copy_add_0"): those stay "other"

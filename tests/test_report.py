@@ -33,7 +33,8 @@ def test_verdict_reads_the_paired_interval():
 def test_verdict_compares_other_dense_models_by_their_intervals():
     q = quality([(0.2, 0.3), (-0.1, 0.1), (-0.4, -0.3)])
     q[["bpb_lo", "bpb_hi"]] = [[0.9, 1.1], [1.15, 1.35], [0.8, 1.0], [0.6, 0.7]]  # reference, gm0, gm1, gm2
-    big = {**q.iloc[0].to_dict(), "model": "dense_big", "bpb": 0.8, "bpb_lo": 0.75, "bpb_hi": 0.85, "params_total": 300e6}
+    big = {**q.iloc[0].to_dict(), "model": "dense_big", "bpb": 0.8, "bpb_lo": 0.75, "bpb_hi": 0.85,
+           "params_total": 300e6}
     q = pd.concat([q.iloc[:1], pd.DataFrame([big]), q.iloc[1:]], ignore_index=True)
     lines = report.verdict(q, summary(q))
     assert len(lines) == 3 and all("Against dense_big (300M, 300 device-s)" in line for line in lines)
