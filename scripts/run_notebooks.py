@@ -2,7 +2,7 @@
 
   python scripts/run_notebooks.py --run-name demo                      # tiny CPU defaults
   python scripts/run_notebooks.py --run-name data --only 01 02 --params-dir params/data
-  python scripts/run_notebooks.py --run-name experiment --only 03 -f params/experiment/03_dense350m.yaml --tag dense350m
+  python scripts/run_notebooks.py --run-name experiment --only 03 -f params/experiment/03_dense124m.yaml --tag dense124m
 
 Parameters, later ones winning: each notebook's defaults, `<params-dir>/<notebook stem>.yaml`
 (when present), the --params-file YAML, then -p NAME VALUE. Each executed notebook is saved as
