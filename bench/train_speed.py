@@ -37,7 +37,7 @@ VOCAB = 32000
 
 # name -> settings; suites list names in priority order (a time budget runs them until it is spent)
 BASE = dict(batch=32, compile=True, mode=None, activation="gelu", fp32_logits=False, inductor={}, seq_len=1024,
-            sdpa=None, fp8="")
+            sdpa=None, fp8="", fp8_scaling="tensor", bf16_residual=False, n_head=None)
 VARIANTS = {
     "124m-b32": dict(config="124m"),
     "350m-b16": dict(config="350m", batch=16),
@@ -63,7 +63,29 @@ VARIANTS = {
     # the measured gains stacked: batch 64 (+2.2% alone), ReLU², cuDNN attention, with and without FP8
     "124m-b64-relu2-cudnn": dict(config="124m", batch=64, activation="relu2", sdpa="cudnn"),
     "124m-b64-relu2-cudnn-fp8": dict(config="124m", batch=64, activation="relu2", sdpa="cudnn", fp8="all"),
+    # session 5, each aimed at a share of the profile: the residual stream in bf16 (the norms' and adds'
+    # bytes), heads of 128 instead of 64 (the attention kernels), FP8 with a scale per row (casts that
+    # fuse into their producers, unlike the tensorwise amax), alone and stacked
+    "124m-b64-relu2-cudnn-bf16res": dict(config="124m", batch=64, activation="relu2", sdpa="cudnn",
+                                         bf16_residual=True),
+    "124m-b64-relu2-cudnn-h6": dict(config="124m", batch=64, activation="relu2", sdpa="cudnn", n_head=6),
+    "124m-b64-relu2-cudnn-h6-bf16res": dict(config="124m", batch=64, activation="relu2", sdpa="cudnn", n_head=6,
+                                            bf16_residual=True),
+    "124m-b64-relu2-cudnn-h6-bf16res-fp8": dict(config="124m", batch=64, activation="relu2", sdpa="cudnn",
+                                                n_head=6, bf16_residual=True, fp8="all"),
+    "124m-b64-relu2-cudnn-h6-bf16res-fp8row": dict(config="124m", batch=64, activation="relu2", sdpa="cudnn",
+                                                   n_head=6, bf16_residual=True, fp8="all", fp8_scaling="row"),
+    "124m-b64-relu2-cudnn-fp8row": dict(config="124m", batch=64, activation="relu2", sdpa="cudnn", fp8="all",
+                                        fp8_scaling="row"),
+    "350m-b16-relu2-cudnn-h8-bf16res": dict(config="350m", batch=16, activation="relu2", sdpa="cudnn", n_head=8,
+                                            bf16_residual=True),
+    "350m-b16-relu2-cudnn-h8-bf16res-fp8row": dict(config="350m", batch=16, activation="relu2", sdpa="cudnn",
+                                                   n_head=8, bf16_residual=True, fp8="all", fp8_scaling="row"),
+    "350m-b16-relu2-cudnn-h8-bf16res-fp8": dict(config="350m", batch=16, activation="relu2", sdpa="cudnn",
+                                                n_head=8, bf16_residual=True, fp8="all"),
     "tiny-cpu": dict(config="tiny", batch=8, compile=False, seq_len=128),
+    "tiny-cpu-bf16res-fp8row": dict(config="tiny", batch=8, compile=False, seq_len=128, bf16_residual=True,
+                                    fp8="all", fp8_scaling="row"),
 }
 SUITES = {
     "cpu": ["tiny-cpu"],
@@ -88,12 +110,13 @@ def random_shards(root: Path, n_tokens: int = 1 << 22):
     return root
 
 
-def build_trainer(name: str, shard_dir):
-    """The variant's Trainer (and its settings and model config), as timed here and profiled by train_profile.py."""
+def build_trainer(name: str, shard_dir, val_dir=None, **train_overrides):
+    """The variant's Trainer (and its settings and model config), as timed here, profiled by train_profile.py
+    and trained on real text by train_quality.py (which passes validation shards and a schedule)."""
     import torch
     from gmlib.data import TokenShards, WindowSampler
     from gmlib.model import GPT, make_config
-    from gmlib.train import Trainer, TrainConfig
+    from gmlib.train import VAL_SEED, Trainer, TrainConfig
 
     v = {**BASE, **VARIANTS[name]}
     if v["sdpa"] == "cudnn":  # only cuDNN (or the slow math fallback, which would show) may serve SDPA
@@ -103,11 +126,15 @@ def build_trainer(name: str, shard_dir):
     for k, val in v["inductor"].items():
         import torch._inductor.config as ic
         setattr(ic, k, val)
-    cfg = make_config(v["config"], vocab_size=VOCAB, seq_len=v["seq_len"], activation=v["activation"])
-    tc = TrainConfig(max_steps=10**9, batch_size=v["batch"], compile=v["compile"], compile_mode=v["mode"],
-                     eval_every=0, log_every=10**9, warmup_steps=10, device="auto", fp8=v["fp8"])
+    heads = {"n_head": v["n_head"]} if v["n_head"] else {}
+    cfg = make_config(v["config"], vocab_size=VOCAB, seq_len=v["seq_len"], activation=v["activation"], **heads)
+    settings = dict(max_steps=10**9, batch_size=v["batch"], compile=v["compile"], compile_mode=v["mode"],
+                    eval_every=0, log_every=10**9, warmup_steps=10, device="auto", fp8=v["fp8"],
+                    fp8_scaling=v["fp8_scaling"], bf16_residual=v["bf16_residual"])
+    tc = TrainConfig(**{**settings, **train_overrides})
     torch.manual_seed(0)
-    tr = Trainer(GPT(cfg), tc, WindowSampler(TokenShards(shard_dir), cfg.seq_len, v["batch"]))
+    val = WindowSampler(TokenShards(val_dir), cfg.seq_len, v["batch"], seed=VAL_SEED) if val_dir else None
+    tr = Trainer(GPT(cfg), tc, WindowSampler(TokenShards(shard_dir), cfg.seq_len, v["batch"]), val)
     if v["fp32_logits"]:
         # the naive path: the compiled graph returns the full fp32 logits beside the loss
         model = tr.model
@@ -145,7 +172,9 @@ def measure(name: str, shard_dir: str, seconds: float) -> dict:
         "device": device_name(), "torch": torch.__version__, "commit": git_commit(),
         "step_ms": round(1000 * dt / n, 2), "steps_timed": n, "compile_s": round(compile_s, 1),
         "flops_per_token": fpt, "flops_count": "6N + 12*L*d*T (N incl. tied embedding), peak 989e12 bf16",
-        "settings": {k: v[k] for k in ("compile", "mode", "activation", "fp32_logits", "inductor", "sdpa", "fp8")},
+        "settings": {k: v[k] for k in ("compile", "mode", "activation", "fp32_logits", "inductor", "sdpa", "fp8",
+                                       "fp8_scaling", "bf16_residual")},
+        "n_head": cfg.n_head,
         "vocab": VOCAB, "load_avg_1m": round(os.getloadavg()[0], 2), "status": "ok", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

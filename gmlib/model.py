@@ -157,6 +157,9 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.output_linear = F.linear  # the tied output projection's matmul (gmlib.fp8.convert may swap it)
+        # dtype of the residual stream; None: the embedding's (fp32). Under bf16 autocast every block's
+        # output is bf16 anyway, and an fp32 stream only doubles the bytes that norms and adds move.
+        self.residual_dtype: torch.dtype | None = None
         self.apply(self._init)
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):  # residual projections: GPT-2's 1/sqrt(2L) scaling
@@ -179,6 +182,8 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds the model's seq_len {self.cfg.seq_len}")
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.wte(idx)
+        if self.residual_dtype is not None:
+            x = x.to(self.residual_dtype)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, i)
         if cache is not None:

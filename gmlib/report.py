@@ -113,12 +113,13 @@ def cost_table(metrics_files: list) -> pd.DataFrame:
 
 
 def speed_table(records: list, variants: list) -> pd.DataFrame:
-    """The training-speed records of the chosen variants (in that order) that measured a GPU."""
-    by = {r["variant"]: r for r in records if r.get("status") == "ok" and r.get("mfu") is not None}
-    return pd.DataFrame([{"variant": v, "params_M": round(by[v]["params"] / 1e6, 1), "batch": by[v]["batch"],
-                          "tokens_per_s": round(by[v]["tokens_per_s"]), "mfu": by[v]["mfu"],
-                          "peak_mem_gb": by[v]["peak_mem_gb"], "device": by[v]["device"], "date": by[v]["date"][:10]}
-                         for v in variants if v in by])
+    """The training-speed records of the chosen variants (in that order) that measured a GPU: one row
+    per variant and device, so that a variant measured on two kinds of card shows both."""
+    ok = sorted((r for r in records if r.get("status") == "ok" and r.get("mfu") is not None), key=lambda r: r["device"])
+    return pd.DataFrame([{"variant": v, "params_M": round(r["params"] / 1e6, 1), "batch": r["batch"],
+                          "tokens_per_s": round(r["tokens_per_s"]), "mfu": r["mfu"],
+                          "peak_mem_gb": r["peak_mem_gb"], "device": r["device"], "date": r["date"][:10]}
+                         for v in variants for r in ok if r["variant"] == v])
 
 
 def store_lines(offload: dict | None, scale: dict | None) -> list[str]:

@@ -52,6 +52,8 @@ class TrainConfig:
     compile: bool = False
     compile_mode: str | None = None    # None (default) or e.g. "max-autotune-no-cudagraphs"
     fp8: str = ""                      # FP8 training matmuls (gmlib.fp8): "" none, "head" or "all"
+    fp8_scaling: str = "tensor"        # FP8 scales per "tensor" or per "row" (gmlib.fp8)
+    bf16_residual: bool = False        # on CUDA, carry the residual stream in bf16, not fp32 (half its traffic)
     device: str = "auto"               # "auto": cuda if available, else cpu
     seed: int = 0                      # model init (setup()) and training data order
 
@@ -64,6 +66,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: need 0 <= min_lr ({self.min_lr}) <= lr ({self.lr})")
         if self.fp8 not in fp8.CHOICES:
             raise ValueError(f"TrainConfig: fp8={self.fp8!r}; choose one of {fp8.CHOICES}")
+        if self.fp8_scaling not in fp8.SCALINGS:
+            raise ValueError(f"TrainConfig: fp8_scaling={self.fp8_scaling!r}; choose one of {fp8.SCALINGS}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,7 +100,9 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # any fp32 matmul left outside autocast
             torch.backends.cudnn.allow_tf32 = True
-        self.model = fp8.convert(model.to(self.device), cfg.fp8)
+        self.model = fp8.convert(model.to(self.device), cfg.fp8, cfg.fp8_scaling)
+        if cfg.bf16_residual and self.device.type == "cuda":
+            self.model.residual_dtype = torch.bfloat16
         self.optimizer = optimizer or make_optimizer(self.model, cfg, self.device)
         self.forward = torch.compile(self.model, mode=cfg.compile_mode) if cfg.compile else self.model
         self.ckpt_path = Path(ckpt_path) if ckpt_path else None

@@ -83,3 +83,14 @@ def test_generations_show_the_chosen_models_per_prompt():
     md = report.generations(rec, ["dense", "gm-k1"])
     assert "**p.** Context: Мама мыла" in md and "- **dense:** …раму и окно" in md and "- **gm-k1:** …пол" in md
     assert "gm-expert0" not in md and "Sampling: seed=0." in md
+
+
+def test_speed_table_keeps_one_row_per_variant_and_device():
+    rec = dict(params=110e6, batch=64, peak_mem_gb=30.0, date="2026-11-28T12:00:00", status="ok")
+    records = [{**rec, "variant": "b", "device": "H200", "tokens_per_s": 3.0, "mfu": 0.3},
+               {**rec, "variant": "a", "device": "H200", "tokens_per_s": 2.0, "mfu": 0.2},
+               {**rec, "variant": "a", "device": "H100", "tokens_per_s": 1.0, "mfu": 0.1},
+               {**rec, "variant": "a", "device": "cpu", "tokens_per_s": 9.0, "mfu": None},
+               {**rec, "variant": "c", "device": "H100", "status": "timeout after 130 s"}]
+    t = report.speed_table(records, ["a", "b", "c"])
+    assert list(zip(t.variant, t.device, t.tokens_per_s)) == [("a", "H100", 1), ("a", "H200", 2), ("b", "H200", 3)]

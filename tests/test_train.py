@@ -169,3 +169,21 @@ def test_cuda_compiled_resume_restores_state(syn_shards, tmp_path):
     second.run(progress=False)
     np.testing.assert_allclose(first.history["loss"], second.history["loss"], rtol=2e-2)
     assert second.accounting()["tokens"] == 8 * 4 * 32
+
+
+def test_bf16_residual_stream_stays_bf16_and_close_to_fp32(syn_shards):
+    """bf16_residual: every block reads and writes bf16 under bf16 autocast, and the loss moves by
+    bf16's rounding only. The Trainer applies it on CUDA alone (on the CPU there is no autocast)."""
+    torch.manual_seed(0)
+    model = GPT(MODEL)
+    idx = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(1))
+    seen = []
+    model.blocks[0].register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(idx[:, :-1], idx[:, 1:], return_logits=False)[1]
+        model.residual_dtype = torch.bfloat16
+        low = model(idx[:, :-1], idx[:, 1:], return_logits=False)[1]
+    assert seen == [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]
+    assert abs(low.item() - ref.item()) < 0.02 * ref.item()
+    tr = setup(MODEL, TrainConfig(**TCFG, bf16_residual=True, device="cpu"), syn_shards)
+    assert tr.model.residual_dtype is None
