@@ -65,7 +65,7 @@ VARIANTS = {
     "124m-b64-relu2-cudnn-fp8": dict(config="124m", batch=64, activation="relu2", sdpa="cudnn", fp8="all"),
     # session 5, each aimed at a share of the profile: the residual stream in bf16 (the norms' and adds'
     # bytes), heads of 128 instead of 64 (the attention kernels), FP8 with a scale per row (casts that
-    # fuse into their producers, unlike the tensorwise amax), alone and stacked
+    # fuse into their producers, unlike the tensorwise amax; measured slower), alone and stacked
     "124m-b64-relu2-cudnn-bf16res": dict(config="124m", batch=64, activation="relu2", sdpa="cudnn",
                                          bf16_residual=True),
     "124m-b64-relu2-cudnn-h6": dict(config="124m", batch=64, activation="relu2", sdpa="cudnn", n_head=6),

@@ -10,12 +10,13 @@ Two ways to scale (the names of torchao's float8 recipes):
 - "tensor": one scale per tensor, from its current absolute maximum, for all three products
   (forward, input gradient, weight gradient). The largest FP8 share, but every cast needs the amax
   of a whole activation first: a reduction over all tokens, then a second pass that casts. At
-  d=768 these passes cost as much time as the FP8 products save (results/bench/train_profile.json).
+  d=768 these passes take back most of what the FP8 products save (results/bench/train_profile.json).
 - "row": one scale per row, i.e. per token for activations and gradients (both float8_e4m3, which
   per-row scales make safe), for the forward and the input gradient; the weight gradient, whose
   rows would run across tokens, stays in bf16 ("rowwise_with_gw_hp"). A row's amax is a reduction
-  over its own features, so the cast fuses into the kernel that produces the row (the RMSNorm, the
-  ReLU², the loss's softmax backward) and no extra pass over the activations is made.
+  over its own features, so the cast can fuse into the kernel that produces the row. The more
+  accurate of the two (tests/test_fp8.py), but the slower: on an H200 the bf16 weight gradient and
+  the bf16 copy of each input it keeps cost more than the fused casts save (results/bench/train_speed.json).
 
 `convert(model, which)` switches a GPT's matmuls over: "head" is the tied output projection (at vocab
 32k, 19% of a 124M model's FLOPs), and "all" adds every Linear of the blocks.
@@ -108,6 +109,12 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scaling: str = "tensor") -> tor
     return F.linear(x, w)
 
 
+# one object per scaling: torch.compile guards on the model's output_linear, and the gm trainer wraps
+# the same model in a new Trainer (so convert() runs again) for every segment; a fresh partial each
+# time would recompile every segment
+HEAD_LINEARS = {s: partial(fp8_linear, scaling=s) for s in SCALINGS}
+
+
 class FP8Linear(nn.Linear):
     """nn.Linear (no bias) whose training matmul is FP8; the same parameter, so optimizers,
     checkpoints and state dicts do not change."""
@@ -126,7 +133,7 @@ def convert(model, which: str, scaling: str = "tensor"):
     if scaling not in SCALINGS:
         raise ValueError(f"fp8_scaling={scaling!r}; choose one of {SCALINGS}")
     if which:
-        model.output_linear = partial(fp8_linear, scaling=scaling)
+        model.output_linear = HEAD_LINEARS[scaling]
     if which == "all":
         for m in model.blocks.modules():
             if type(m) is nn.Linear and m.bias is None:

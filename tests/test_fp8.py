@@ -73,6 +73,8 @@ def test_convert_keeps_parameters_and_a_tiny_model_learns(scaling):
     assert model.state_dict().keys() == before.keys()
     assert type(model.blocks[0].mlp.fc) is fp8.FP8Linear and model.blocks[0].mlp.fc.fp8_scaling == scaling
     assert model.output_linear.func is fp8.fp8_linear and model.output_linear.keywords == {"scaling": scaling}
+    head = model.output_linear
+    assert fp8.convert(model, "all", scaling).output_linear is head  # converting again changes nothing
     idx = torch.randint(0, 256, (8, 65), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():  # evaluation: the full-precision path, exactly
         ref = GPT(cfg)
