@@ -75,8 +75,6 @@ VARIANTS = {
                                                 n_head=6, bf16_residual=True, fp8="all"),
     "124m-b64-relu2-cudnn-h6-bf16res-fp8row": dict(config="124m", batch=64, activation="relu2", sdpa="cudnn",
                                                    n_head=6, bf16_residual=True, fp8="all", fp8_scaling="row"),
-    "124m-b64-relu2-cudnn-fp8row": dict(config="124m", batch=64, activation="relu2", sdpa="cudnn", fp8="all",
-                                        fp8_scaling="row"),
     "350m-b16-relu2-cudnn-h8-bf16res": dict(config="350m", batch=16, activation="relu2", sdpa="cudnn", n_head=8,
                                             bf16_residual=True),
     "350m-b16-relu2-cudnn-h8-bf16res-fp8row": dict(config="350m", batch=16, activation="relu2", sdpa="cudnn",
