@@ -32,17 +32,10 @@ CHOICES = ("", "head", "all")
 SCALINGS = ("tensor", "row")
 
 
-def _cast(t: torch.Tensor, dtype):
-    """t as `dtype` scaled to use its range, and the scale that undoes it (for _scaled_mm)."""
-    amax = t.detach().abs().amax().float().clamp(min=1e-12)
-    scale = torch.finfo(dtype).max / amax
-    t8 = (t.float() * scale).clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max).to(dtype)
-    return t8.contiguous(), scale.reciprocal()
-
-
-def _cast_rows(t: torch.Tensor, dtype):
-    """t (M, K) as `dtype` with one scale per row, and the (M, 1) scales that undo it."""
-    amax = t.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+def _cast(t: torch.Tensor, dtype, rows: bool = False):
+    """t as `dtype` scaled to use its range, and the scale that undoes it (for _scaled_mm): one scale
+    for the tensor, or with rows=True one per row of t (M, K), as (M, 1)."""
+    amax = (t.detach().abs().amax(dim=-1, keepdim=True) if rows else t.detach().abs().amax()).float().clamp(min=1e-12)
     scale = torch.finfo(dtype).max / amax
     t8 = (t.float() * scale).clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max).to(dtype)
     return t8.contiguous(), scale.reciprocal()
@@ -76,8 +69,8 @@ class _FP8Matmul(torch.autograd.Function):
 class _FP8RowwiseMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w):
-        x8, sx = _cast_rows(x, E4M3)    # (M, K), a scale per token
-        w8, sw = _cast_rows(w, E4M3)    # (N, K), a scale per output feature
+        x8, sx = _cast(x, E4M3, rows=True)    # (M, K), a scale per token
+        w8, sw = _cast(w, E4M3, rows=True)    # (N, K), a scale per output feature
         xh = x.to(torch.bfloat16)       # kept for the bf16 weight gradient (the cast fuses with x8's)
         ctx.save_for_backward(xh, w)
         ctx.dtypes = (x.dtype, w.dtype)
@@ -86,10 +79,10 @@ class _FP8RowwiseMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         xh, w = ctx.saved_tensors
-        g8, sg = _cast_rows(gy, E4M3)                  # (M, N), a scale per token
-        wt8, swt = _cast_rows(w.t(), E4M3)             # (K, N): w's columns, a scale per input feature
+        g8, sg = _cast(gy, E4M3, rows=True)        # (M, N), a scale per token
+        wt8, swt = _cast(w.t(), E4M3, rows=True)   # (K, N): w's columns, a scale per input feature
         dx = _mm(g8, sg, wt8, swt.t(), torch.bfloat16)  # gy @ w
-        dw = gy.to(torch.bfloat16).t() @ xh            # bf16: its rows would run across tokens
+        dw = gy.to(torch.bfloat16).t() @ xh        # bf16: its rows would run across tokens
         return dx.to(ctx.dtypes[0]), dw.to(ctx.dtypes[1])
 
 
