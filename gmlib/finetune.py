@@ -195,7 +195,8 @@ def gm_arm(gm, train_docs: list[EvalDoc], top_k: int = 1, eval_k: int | None = N
     reviews pick the experts to fine-tune and give the mixture its task prior."""
     router, load_expert, info = gm
     E = info["n_experts"]
-    scores = np.asarray(router.scores([d.tokens for d in train_docs]))
+    # the score that assigned the training documents (balancing bias included), as the mixture's prior
+    scores = np.asarray(router.prefix_scores([d.tokens for d in train_docs]))
     votes = np.bincount(scores.argmax(1), minlength=E)
     prior = (votes + 0.5) / (votes.sum() + 0.5 * E)
     chosen = [int(e) for e in np.argsort(-prior, kind="stable")[:top_k]]

@@ -380,22 +380,45 @@ def load_gm(out_dir, device="cpu", gpu_bytes: int | None = None, ram_bytes: int 
     return router, load_expert, info
 
 
+def load_seed(out_dir, device="cpu") -> tuple[GPT, dict]:
+    """The BTM seed run of the gm in out_dir (the store entry SEED) as a GPT in eval mode, and its
+    accounting (gm.json's accounting["seed_run"]). A gm trained without a seed is an error."""
+    out = Path(out_dir)
+    info = json.loads((out / "gm.json").read_text())
+    acct = info["accounting"].get("seed_run")
+    if not acct or not (out / "experts" / f"{SEED}.json").is_file():
+        raise FileNotFoundError(f"{out}: this gm has no seed run (seed_steps=0)")
+    store = ExpertStore(out / "store", 4 * _state_bytes(GPTConfig(**info["model_config"])), 0, torch.device("cpu"))
+    model = GPT(GPTConfig(**info["model_config"]))
+    load_state_tensors(model, None, {k: v for k, v in store.read(SEED)[0].items() if k.startswith("model.")})
+    store.close()
+    return model.to(device).eval(), acct
+
+
 def mixture_loader(gm_root):
     """A gmlib.evaluate loader for specs {"kind": "gm", "run": <name under gm_root>, "k", "eta", ...}:
     evaluate.LOADERS["gm"] = gm.mixture_loader(work_dir(run_name) / "gm").
-    A spec with "expert": e gives that expert alone (a SingleLM, charged its own training seconds)."""
+    A spec with "expert": e gives that expert alone (a SingleLM, charged its own training seconds);
+    one with "seed": True the seed run alone (charged the seed run's seconds)."""
     def load(spec: dict, device):
         from .mixture import MixtureConfig, MixtureLM, SingleLM
+        if spec.get("seed"):
+            model, acct = load_seed(Path(gm_root) / spec["run"], device)
+            lm = SingleLM(model)
+            lm.train_gpu_seconds = acct["gpu_seconds"]
+            return lm
         if "expert" in spec:
             _, load_expert, info = load_gm(Path(gm_root) / spec["run"], device, pool=1)
             lm = SingleLM(load_expert(spec["expert"]))
             lm.train_gpu_seconds = info["records"][spec["expert"]]["accounting"]["gpu_seconds"]
             info["store"].close()
             return lm
-        mc = MixtureConfig(**{k: spec[k] for k in ("k", "eta", "temperature", "reroute_every") if k in spec})
-        router, load_expert, info = load_gm(Path(gm_root) / spec["run"], device, pool=max(2, mc.k))
-        lm = MixtureLM(load_expert, info["n_experts"], router, mc, base_prior=info["shares"],
-                       expert_n_params=info["params_per_expert"])
+        mc = MixtureConfig.from_spec(spec)
+        n = json.loads((Path(gm_root) / spec["run"] / "gm.json").read_text())["n_experts"]
+        # log-linear pooling uses every weighted expert on each window batch: keep them all
+        router, load_expert, info = load_gm(Path(gm_root) / spec["run"], device,
+                                            pool=n if mc.pool == "log-linear" else max(2, mc.k))
+        lm = MixtureLM(load_expert, info["n_experts"], router, mc, expert_n_params=info["params_per_expert"])
         lm.train_gpu_seconds = info["accounting"]["gpu_seconds"]
         return lm
     return load

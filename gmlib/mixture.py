@@ -17,14 +17,37 @@ eta = 1 it is exactly the Bayesian posterior over experts. Each weight uses only
 own loss: no gradient and no information passes between experts.
 
 The prior is honest for perplexity: it only ever sees tokens BEFORE the scored position.
-  prior = softmax(router.scores([prefix]) / temperature), top-k of it kept (the rest weight 0).
-  For a document with `known` = c context tokens (0 for perplexity; the PARus premise, the
-  generation prompt), targets t < c + r use the prior of doc[:c], and targets in
-  [c + j·r, c + (j+1)·r) use the prior of doc[:c + j·r], r = reroute_every (0: never re-route).
-  A prefix of at most one token (just the document's bos) gives `base_prior` instead
-  (uniform, or each expert's share of the training data).
+  prior = softmax(router.prefix_scores([prefix]) / temperature), top-k of it kept (the rest
+  weight 0). prefix_scores is the score that assigned the training documents (the local
+  router's balancing bias included) over the last max_tokens tokens of the prefix, so the
+  features move with the prefix; a plain scorer with only `scores` is taken as it is.
+  Route points: for perplexity (no known context) the router first reads the prefix of
+  `route_from` tokens, then of twice as many, doubling up to reroute_every, then every
+  reroute_every tokens (0: only the first point). Targets before the first point get the Bayes
+  posterior over ALL experts from a uniform prior (Hedge with eta from a uniform start), not
+  one fixed expert: a bos alone says nothing about the document. Why route_from = 32, measured
+  by bench/route_start.py on the CPU demo's gm (4 experts, 50 test documents, reroute 256):
+  bpb at k=1 / k=2 for route_from 1: 2.0587 / 2.0427, 8: 2.0582 / 2.0424, 32: 2.0539 / 2.0396,
+  64: 2.0519 / 2.0386, 256: 2.0446 / 2.0382; the old rule (training shares, no bias, 256 tokens
+  before the first route) 2.0720 / 2.0492; all 4 experts (k=4) 2.0336. Routing on fewer than
+  32 tokens misleads the router; waiting longer is better still only because the k-mixture
+  then becomes the all-expert ensemble on most documents (85% of test documents end before
+  token 256), which params_active = k would no longer describe. 32 tokens of all experts per
+  document is a small extra cost.
+  With `known` = c context tokens (the PARus premise, the generation prompt), the first point
+  is c (targets before it use that prior too: they are context, not scored honestly), then
+  the points of the schedule after c.
+  Without a router, `base_prior` (uniform, or a task prior) holds throughout.
 Generation routes once on the prompt and keeps that top-k set (and their KV caches) while the
 Hedge weights move after every generated token.
+
+Pooling (MixtureConfig.pool): "linear" is the mixture above, sum_e w_e p_e. "log-linear" is
+the weighted geometric mean with the same weights, renormalised over the vocabulary:
+    p(x_t) = exp(sum_e w_e log p_e(x_t)) / sum_v exp(sum_e w_e log p_e(v)).
+The weights come from the experts' own losses exactly as in the linear case; only the
+normaliser needs every expert's full distribution, so log-linear makes a second pass over the
+same windows with all active experts (held together: load_expert must keep them, a pool of
+n_experts modules) and accumulates sum_e w_e log_softmax(logits_e) per window batch.
 
 Models run in their own dtype, without autocast: scoring an fp32 checkpoint is exact fp32
 (bf16 logits would move bits per byte by rounding alone); an expert stored as bf16 runs in bf16.
@@ -34,7 +57,7 @@ its own targets, each later window moves by `stride` (default seq_len/2) and sco
 targets, so every token after the first window has at least seq_len - stride tokens of context.
 The same rule applies to every model and every expert.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -45,7 +68,9 @@ from .model import GPT
 
 class Router(Protocol):
     def scores(self, docs: list[np.ndarray]) -> np.ndarray:
-        """(n_docs, n_experts) affinities, higher = better."""
+        """(n_docs, n_experts) affinities, higher = better. A router may also offer
+        prefix_scores(prefixes), the score it assigns training documents by; the mixture
+        prefers it."""
         ...
 
 
@@ -72,16 +97,14 @@ def windows(T: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
     return out
 
 
-@torch.inference_mode()
-def window_logprobs(model: GPT, docs: Sequence[np.ndarray], stride: int | None = None,
-                    batch_tokens: int = 16384) -> list[np.ndarray]:
-    """log p(x_t | x_<t), t = 1..T-1, for each document under one model (float64 arrays)."""
-    L = model.cfg.seq_len
-    stride = stride or max(1, L // 2)
-    dev = _device(model)
-    out = [np.zeros(max(len(d) - 1, 0)) for d in docs]
-    jobs = [(i, *w) for i, d in enumerate(docs) for w in windows(len(d), L, stride)]
-    jobs.sort(key=lambda j: j[2] - j[1], reverse=True)  # similar lengths together: less padding
+def _window_batches(docs: Sequence[np.ndarray], L: int, stride: int, batch_tokens: int, upto=None):
+    """Batches of (doc index, start, end, first_target) windows, similar lengths together (less
+    padding), with their right-padded token tensors. upto[i]: only the windows of doc i that
+    score a target below upto[i] (the windows are those of the whole document, so a target's
+    context does not depend on upto)."""
+    jobs = [(i, *w) for i, d in enumerate(docs) for w in windows(len(d), L, stride)
+            if upto is None or w[2] < upto[i]]
+    jobs.sort(key=lambda j: j[2] - j[1], reverse=True)
     per_batch = max(1, batch_tokens // L)
     for b in range(0, len(jobs), per_batch):
         batch = jobs[b:b + per_batch]
@@ -89,6 +112,20 @@ def window_logprobs(model: GPT, docs: Sequence[np.ndarray], stride: int | None =
         x = torch.zeros(len(batch), width, dtype=torch.long)
         for r, (i, s, e, _) in enumerate(batch):
             x[r, :e - s] = torch.as_tensor(np.asarray(docs[i][s:e], dtype=np.int64))
+        yield batch, x
+
+
+@torch.inference_mode()
+def window_logprobs(model: GPT, docs: Sequence[np.ndarray], stride: int | None = None,
+                    batch_tokens: int = 16384, upto=None) -> list[np.ndarray]:
+    """log p(x_t | x_<t), t = 1..T-1, for each document under one model (float64 arrays).
+    With upto (one int per document) only targets below upto[i] are scored (at least those;
+    the rest of the array may stay 0), each exactly as in the full scoring."""
+    L = model.cfg.seq_len
+    stride = stride or max(1, L // 2)
+    dev = _device(model)
+    out = [np.zeros(max(len(d) - 1, 0)) for d in docs]
+    for batch, x in _window_batches(docs, L, stride, batch_tokens, upto):
         x = x.to(dev)
         logits, _ = model(x)
         # log-softmax at the target only: logit[target] - logsumexp(logits); right padding is
@@ -162,7 +199,7 @@ def sample(logp: np.ndarray, temperature: float, top_p: float, rng: np.random.Ge
 
 
 def _generate(streams: list[_Stream], log_prior: np.ndarray, eta: float, prompt, max_new_tokens: int,
-              temperature: float, top_p: float, seed: int, stop_token: int | None) -> list[int]:
+              temperature: float, top_p: float, seed: int, stop_token: int | None, pool: str = "linear") -> list[int]:
     """Mixture generation; a single model is the case of one stream with log_prior [0]."""
     prompt = [int(t) for t in prompt]
     if not prompt:
@@ -180,7 +217,11 @@ def _generate(streams: list[_Stream], log_prior: np.ndarray, eta: float, prompt,
         logw = log_prior - eta * loss
         logw -= np.logaddexp.reduce(logw)
         lps = torch.stack(nxt)                                   # (k, V) on the experts' device
-        mix = torch.logsumexp(torch.as_tensor(logw, device=lps.device, dtype=lps.dtype)[:, None] + lps, 0)
+        w = torch.as_tensor(logw, device=lps.device, dtype=lps.dtype)[:, None]
+        if pool == "linear":
+            mix = torch.logsumexp(w + lps, 0)
+        else:  # log-linear: the weighted geometric mean, renormalised
+            mix = torch.log_softmax((w.exp() * lps).sum(0), -1)
         tok = sample(mix.double().cpu().numpy(), temperature, top_p, rng)
         out.append(tok)
         if tok == stop_token:
@@ -214,12 +255,23 @@ class SingleLM:
                          temperature, top_p, seed, stop_token)
 
 
+POOLS = ("linear", "log-linear")
+
+
 @dataclass
 class MixtureConfig:
     k: int = 2                # experts in the mixture at any position (top-k of the prior)
     eta: float = 1.0          # Hedge learning rate; 1 = Bayesian posterior, 0 = the prior alone
     temperature: float = 1.0  # prior = softmax(router scores / temperature)
     reroute_every: int = 256  # recompute the prior from the prefix every this many tokens; 0 = once
+    route_from: int = 32      # the first prefix the router reads (then doubling up to reroute_every);
+    #                           before it every expert, uniform prior (see the module docstring)
+    pool: str = "linear"      # linear: sum_e w_e p_e; log-linear: normalised prod_e p_e^w_e
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "MixtureConfig":
+        """The fields of a model spec (gmlib.evaluate.load_models) that are ours; the rest is not."""
+        return cls(**{f.name: spec[f.name] for f in fields(cls) if f.name in spec})
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -252,8 +304,11 @@ class MixtureLM:
         self.cfg = cfg or MixtureConfig()
         if not 1 <= self.cfg.k <= n_experts:
             raise ValueError(f"MixtureConfig.k={self.cfg.k} must be in 1..n_experts={n_experts}")
-        if self.cfg.temperature <= 0 or self.cfg.eta < 0 or self.cfg.reroute_every < 0:
-            raise ValueError(f"bad MixtureConfig {self.cfg}: need temperature > 0, eta >= 0, reroute_every >= 0")
+        if self.cfg.temperature <= 0 or self.cfg.eta < 0 or self.cfg.reroute_every < 0 or self.cfg.route_from < 1:
+            raise ValueError(f"bad MixtureConfig {self.cfg}: need temperature > 0, eta >= 0, reroute_every >= 0, "
+                             "route_from >= 1")
+        if self.cfg.pool not in POOLS:
+            raise ValueError(f"MixtureConfig.pool={self.cfg.pool!r}; choose one of {POOLS}")
         base = np.full(n_experts, 1.0 / n_experts) if base_prior is None else np.asarray(base_prior, np.float64)
         if base.shape != (n_experts,) or (base < 0).any() or base.sum() <= 0:
             raise ValueError(f"base_prior must be {n_experts} non-negative numbers, not all zero")
@@ -267,25 +322,47 @@ class MixtureLM:
 
     # ---- the prior
 
+    def _scores(self, prefixes: list[np.ndarray]) -> np.ndarray:
+        """Router scores (n, n_experts) of each prefix: the training score when the router has one."""
+        score = getattr(self.router, "prefix_scores", None) or self.router.scores
+        s = np.asarray(score([np.asarray(p) for p in prefixes]), np.float64)
+        if s.shape != (len(prefixes), self.n_experts):
+            raise ValueError(f"router scores have shape {s.shape}, expected ({len(prefixes)}, {self.n_experts})")
+        return s
+
     def _log_priors(self, prefixes: list[np.ndarray]) -> np.ndarray:
-        """Top-k-masked log prior for each prefix (n, n_experts); <= 1 token: the base prior."""
+        """Top-k-masked log prior for each prefix (n, n_experts); without a router, the base prior."""
         out = np.tile(self.log_base, (len(prefixes), 1))
-        routed = [i for i, p in enumerate(prefixes) if len(p) > 1]
-        if routed and self.router is not None:
-            s = np.asarray(self.router.scores([np.asarray(prefixes[i]) for i in routed]), np.float64)
-            if s.shape != (len(routed), self.n_experts):
-                raise ValueError(f"router.scores returned shape {s.shape}, expected ({len(routed)}, {self.n_experts})")
-            out[routed] = _log_softmax(s / self.cfg.temperature)
+        if prefixes and self.router is not None:
+            out = _log_softmax(self._scores(prefixes) / self.cfg.temperature)
         return _topk_mask(out, self.cfg.k)
 
     def _segments(self, T: int, known: int) -> list[int]:
         """Route points: segment j uses the prefix doc[:points[j]] and scores the targets from
-        max(points[j], 1) (the first segment from 1) up to the next point."""
+        points[j] up to the next point. Targets before the first point use every expert with a
+        uniform prior, unless there is known context (or no router: the base prior throughout)."""
+        if self.router is None:
+            return [0]
         r, c = self.cfg.reroute_every, max(known, 0)
-        pts = [c]
-        while r and pts[-1] + r < T:
-            pts.append(pts[-1] + r)
-        return pts
+        sched, p = [], self.cfg.route_from
+        while p < T and (not sched or (r and p < r)):  # route_from, doubling up to r
+            sched.append(p)
+            p *= 2
+        if r:
+            sched += [q for q in range(r, T, r) if q > self.cfg.route_from]
+        return [c] + [q for q in sched if q > c] if c else sorted(set(sched))
+
+    def routed(self, docs: Sequence[np.ndarray]) -> list[list[int]]:
+        """The top-k experts of the prior at each document's last route point (what the mixture
+        uses at the end of it, read from the most context); [] for a document never routed."""
+        pts = [self._segments(len(d), 0) for d in docs]
+        last = [(i, p[-1]) for i, p in enumerate(pts) if p and (self.router is None or p[-1] > 0)]
+        out = [[] for _ in docs]
+        if last:
+            lp = self._log_priors([np.asarray(docs[i][:q]) for i, q in last])
+            for (i, _), row in zip(last, lp):
+                out[i] = [int(e) for e in np.argsort(-row, kind="stable")[:self.cfg.k]]
+        return out
 
     # ---- scoring
 
@@ -294,23 +371,46 @@ class MixtureLM:
         segs = [self._segments(len(d), c) for d, c in zip(docs, known)]
         flat = [np.asarray(d[:p]) for d, pts in zip(docs, segs) for p in pts]
         logp_flat = self._log_priors(flat)
+        uniform = np.full((1, self.n_experts), -np.log(self.n_experts))
         priors, at = [], 0
-        for pts in segs:
-            priors.append(logp_flat[at:at + len(pts)])
+        for pts, c in zip(segs, known):
+            p = logp_flat[at:at + len(pts)]
+            # row 0: targets before the first route point (every expert, uniform); segment j is row j + 1
+            priors.append(np.concatenate([p[:1] if (c or self.router is None) else uniform, p]))
             at += len(pts)
-        need = [np.flatnonzero(np.isfinite(p).any(0)) for p in priors]  # experts used anywhere
+        # an expert is scored up to the last target where it has weight (Hedge needs its loss from the start)
+        upto = [self._active_until(len(d), pts, pr) for d, pts, pr in zip(docs, segs, priors)]
         lps = [dict() for _ in docs]
         for e in range(self.n_experts):
-            who = [i for i, n in enumerate(need) if e in n and len(docs[i]) > 1]
+            who = [i for i, u in enumerate(upto) if u[e] > 0 and len(docs[i]) > 1]
             if not who:
                 continue
             model = self.load_expert(e)  # one expert resident at a time while scoring
-            for i, lp in zip(who, window_logprobs(model, [docs[i] for i in who], self.stride, self.batch_tokens)):
+            got = window_logprobs(model, [docs[i] for i in who], self.stride, self.batch_tokens,
+                                  upto=[upto[i][e] for i in who])
+            for i, lp in zip(who, got):
                 lps[i][e] = lp
             del model
-        return [self._combine(len(d), pts, pr, lp) for d, pts, pr, lp in zip(docs, segs, priors, lps)]
+        out = [self._combine(len(d), pts, pr, lp) for d, pts, pr, lp in zip(docs, segs, priors, lps)]
+        if self.cfg.pool == "log-linear":
+            out = self._log_linear(docs, out, lps)
+        return out
 
-    def _combine(self, T, pts, log_prior_seg, lp_by_expert):
+    @staticmethod
+    def _seg_of(T: int, pts) -> np.ndarray:
+        """Prior row of each target 1..T-1: 0 before the first route point, j + 1 in segment j."""
+        return np.searchsorted(np.asarray(pts), np.arange(1, T), side="right")
+
+    def _active_until(self, T, pts, log_prior_rows) -> np.ndarray:
+        """(n_experts,) one past the last target each expert has weight at (0: none)."""
+        if T < 2:
+            return np.zeros(self.n_experts, np.int64)
+        rows = self._seg_of(T, pts)
+        finite = np.isfinite(log_prior_rows[rows])                        # (T-1, E)
+        last = (T - 1) - np.argmax(finite[::-1], axis=0)                  # last target index + 1, as t
+        return np.where(finite.any(0), last + 1, 0)
+
+    def _combine(self, T, pts, log_prior_rows, lp_by_expert):
         """Mixture log-probs (T-1,) and weights (n_experts, T-1) for one document."""
         N = max(T - 1, 0)
         weights = np.zeros((self.n_experts, N))
@@ -319,15 +419,44 @@ class MixtureLM:
         experts = sorted(lp_by_expert)
         LP = np.stack([lp_by_expert[e] for e in experts])               # (C, N): log p_e(x_t)
         cum = np.cumsum(-LP, axis=1) - (-LP)                             # L_e(<t), exclusive
-        t = np.arange(1, T)                                              # target positions
-        seg = np.searchsorted(np.asarray(pts), t, side="right") - 1      # segment of each target
-        seg = np.maximum(seg, 0)
-        logprior = log_prior_seg[seg][:, experts].T                      # (C, N)
-        logw = logprior - self.cfg.eta * cum
+        logprior = log_prior_rows[self._seg_of(T, pts)][:, experts].T    # (C, N)
+        with np.errstate(invalid="ignore"):  # an expert past its last active target: -inf, not scored (0)
+            logw = logprior - self.cfg.eta * cum
+        logw = np.where(np.isfinite(logprior), logw, -np.inf)
         logw = logw - np.logaddexp.reduce(logw, axis=0)
-        mix = np.logaddexp.reduce(logw + LP, axis=0)
-        weights[experts] = np.exp(logw)
+        w = np.exp(logw)
+        mix = np.logaddexp.reduce(logw + np.where(w > 0, LP, 0.0), axis=0)
+        weights[experts] = w
         return mix, weights
+
+    @torch.inference_mode()
+    def _log_linear(self, docs, linear, lps):
+        """Log-linear pooling: sum_e w_e log p_e(x_t) minus the log normaliser, which one more
+        pass over the same windows accumulates from every weighted expert's full distribution."""
+        W = [w for _, w in linear]
+        norm = [np.zeros(max(len(d) - 1, 0)) for d in docs]
+        model0 = self.load_expert(min(e for lp in lps for e in lp) if any(lps) else 0)
+        L, dev = model0.cfg.seq_len, _device(model0)
+        stride = self.stride or max(1, L // 2)
+        for batch, x in _window_batches(docs, L, stride, self.batch_tokens):
+            x = x.to(dev)
+            wb = np.zeros((self.n_experts, len(batch), x.shape[1] - 1))  # weight of each expert at each target
+            for r, (i, s, e, ft) in enumerate(batch):
+                wb[:, r, ft - s - 1:e - s - 1] = W[i][:, ft - 1:e - 1]
+            acc = None
+            for ex in np.flatnonzero(wb.any(axis=(1, 2))):
+                logits, _ = self.load_expert(int(ex))(x)
+                term = torch.as_tensor(wb[ex], device=dev, dtype=torch.float32)[..., None] * \
+                    torch.log_softmax(logits[:, :-1].float(), -1)
+                acc = term if acc is None else acc + term
+            z = torch.logsumexp(acc, -1).double().cpu().numpy()
+            for r, (i, s, e, ft) in enumerate(batch):
+                norm[i][ft - 1:e - 1] = z[r, ft - s - 1:e - s - 1]
+        out = []
+        for (_, w), lp, z in zip(linear, lps, norm):
+            tgt = sum(w[e] * lp[e] for e in lp) if lp else np.zeros(len(z))
+            out.append((tgt - z, w))
+        return out
 
     def token_logprobs_many(self, docs: Sequence[np.ndarray], known=None) -> list[np.ndarray]:
         """`known[i]` tokens of doc i are given context (0 for perplexity): the first prior may
@@ -349,7 +478,7 @@ class MixtureLM:
         active = np.flatnonzero(np.isfinite(logp))
         streams = [_Stream(self.load_expert(int(e)), use_cache) for e in active]  # k resident
         return _generate(streams, logp[active], self.cfg.eta, prompt, max_new_tokens,
-                         temperature, top_p, seed, stop_token)
+                         temperature, top_p, seed, stop_token, self.cfg.pool)
 
 
 def from_models(models: list[GPT], **kw) -> MixtureLM:

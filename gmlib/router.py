@@ -93,6 +93,14 @@ class Router:
         gives the router's own argmax."""
         return balanced_assign(self._assign_scores(docs), self.cfg.slack if slack is None else slack, self._weights(docs))
 
+    def prefix_scores(self, prefixes) -> np.ndarray:
+        """(n, n_experts) the score the training documents were assigned by (`assign` with
+        slack=inf is its argmax), of the LAST max_tokens tokens of each prefix: the mixture's
+        prior at inference, features over a window that moves with the prefix. Up to max_tokens
+        tokens this is the training score of the prefix exactly."""
+        n, get = doc_getter(prefixes)
+        return np.asarray(self._assign_scores([get(i)[-self.cfg.max_tokens:] for i in range(n)]), np.float64)
+
     def _weights(self, docs):
         return doc_lengths(docs) if self.cfg.balance == "tokens" else None
 
@@ -160,8 +168,9 @@ class Router:
 class RandomRouter(Router):
     """Each (document, expert) pair gets a pseudo-random score from a keyed hash of the
     document's tokens, then the usual balanced assignment: a random split that is balanced and
-    the same on every run. Its `scores` are all zero: a hash says nothing about which expert
-    suits a new prefix, so the mixture prior is uniform."""
+    the same on every run. Its `scores` and `prefix_scores` are all zero: a hash says nothing
+    about which expert suits a new prefix, so the mixture prior is uniform (use k = n_experts:
+    BTM's posterior-weighted ensemble; a smaller k keeps experts 0..k-1 by the tie rule)."""
     kind = "random"
 
     def scores(self, docs):
@@ -169,6 +178,11 @@ class RandomRouter(Router):
 
     def _assign_scores(self, docs):
         return hash_uniforms(docs, self.cfg.seed, self.n_experts)
+
+    def prefix_scores(self, prefixes):
+        """Uniform: BTM's random-split baseline ensembles every expert by its posterior (the
+        hash that dealt the training documents carries no information about a new text)."""
+        return np.zeros((doc_getter(prefixes)[0], self.n_experts))
 
 
 # both feature-based routers keep the idf in their Features; as an attribute it is saved and loaded

@@ -106,12 +106,12 @@ def test_hand_computed_two_experts_three_tokens():
 def test_weights_stay_a_distribution_and_use_only_the_past():
     ms = [expert(s) for s in range(4)]
     router = HashRouter(4, seed=2)
-    mix = from_models(ms, router=router, cfg=MixtureConfig(k=2, eta=1.0, reroute_every=5))
+    mix = from_models(ms, router=router, cfg=MixtureConfig(k=2, eta=1.0, reroute_every=5, route_from=2))
     x = doc(5, 40)  # longer than seq_len: sliding windows too
     w = mix.weights(x)
     assert w.shape == (4, 39)
     assert np.all(w >= 0) and np.allclose(w.sum(0), 1.0, atol=1e-12)
-    assert np.all((w > 0).sum(0) <= 2)
+    assert np.all(w[:, 0] > 0) and np.all((w[:, 1:] > 0).sum(0) <= 2)  # target 1: every expert; then top-2
     assert len({tuple(np.flatnonzero(c)) for c in w.T}) > 1  # re-routing really changed the experts
     assert max(router.calls) < 40
     # honesty: changing token x_u changes nothing about p(x_t | x_<t) for t < u, nor w(t) for t <= u
@@ -204,7 +204,8 @@ def test_with_the_projects_router():
     from gmlib.router import make_router
     docs = [doc(100 + i, 30) for i in range(40)]
     router = make_router("local", 3, V, n_features=64, n_units=256, wta_k=16, epochs=1).fit(docs)
-    mix = from_models([expert(s) for s in range(3)], router=router, cfg=MixtureConfig(k=2, reroute_every=8))
+    mix = from_models([expert(s) for s in range(3)], router=router, cfg=MixtureConfig(k=2, reroute_every=8, route_from=4))
     w = mix.weights(docs[0])
-    assert np.allclose(w.sum(0), 1.0) and np.all((w > 0).sum(0) <= 2)
+    assert np.allclose(w.sum(0), 1.0) and np.all((w[:, 3:] > 0).sum(0) <= 2)  # from target 4 (prefix of 4 tokens)
+    assert np.all(w[:, :3] > 0)
     assert len(mix.generate(docs[1][:10], 5, temperature=0.0)) == 5
