@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-FILES = ("eval_quality.csv", "eval_parus.csv", "eval_parus_items.csv", "eval_generations.json", "summary.json",
-         "metrics.json")
+FILES = ("eval_quality.csv", "eval_docs.csv", "eval_parus.csv", "eval_parus_items.csv", "eval_generations.json",
+         "summary.json", "metrics.json")
 
 
 def load_earlier(run_dir: Path, parus_style: str) -> dict | None:
@@ -33,6 +33,7 @@ def load_earlier(run_dir: Path, parus_style: str) -> dict | None:
         raise ValueError(f"{run_dir / 'summary.json'}: the earlier evaluation summarised PARus style "
                          f"{summary.get('parus_style')!r}, this one {parus_style!r}; use the same parus_styles")
     return {"quality": pd.read_csv(run_dir / "eval_quality.csv"),
+            "docs": pd.read_csv(run_dir / "eval_docs.csv", keep_default_na=False, na_values={"max_doc_tokens": [""]}),
             "parus_table": pd.read_csv(run_dir / "eval_parus.csv"),
             "parus_items": pd.read_csv(run_dir / "eval_parus_items.csv"),
             "parus": metrics["parus"],

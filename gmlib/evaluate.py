@@ -357,19 +357,20 @@ def sources_figure(st: pd.DataFrame):
 
 
 def quality_figure(df: pd.DataFrame):
-    """Bits per byte and per-word perplexity (log scale) of every model, with 95% intervals."""
+    """Macro and micro bits per byte and per-word perplexity (log scale) of every model, with 95% intervals."""
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(6 + 1.2 * len(df), 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(8 + 1.8 * len(df), 3.8))
     x = np.arange(len(df))
-    for ax, col, label, fmt in [(axes[0], "bpb", "bits per byte (lower is better)", "{:.3f}"),
-                                (axes[1], "ppl_word", "per-word perplexity (lower is better)", "{:.3g}")]:
+    for ax, col, label, fmt in [(axes[0], "bpb_macro", "bits per byte, macro (mean over sources)", "{:.3f}"),
+                                (axes[1], "bpb", "bits per byte, micro (byte-weighted)", "{:.3f}"),
+                                (axes[2], "ppl_word", "per-word perplexity (lower is better)", "{:.3g}")]:
         err = np.stack([df[col] - df[f"{col}_lo"], df[f"{col}_hi"] - df[col]])
         bars = ax.bar(x, df[col], yerr=err, capsize=4, color="tab:blue", alpha=0.8)
         ax.bar_label(bars, [fmt.format(v) for v in df[col]], label_type="center", color="white", fontsize=8)
         ax.set_xticks(x, df["model"], rotation=30, ha="right")
         ax.set_ylabel(label)
         ax.set_xlabel("model")
-    axes[1].set_yscale("log")
+    axes[2].set_yscale("log")
     fig.suptitle(f"Held-out documents (n={int(df['n_docs'].iloc[0])}, {int(df['n_bytes'].iloc[0]):,} bytes), "
                  "95% bootstrap intervals", fontsize=10)
     fig.tight_layout()
@@ -546,26 +547,37 @@ def load_models(specs: list[dict], device="cpu") -> dict:
 
 
 def metrics_record(quality_df: pd.DataFrame, parus: dict) -> dict:
-    """The machine-readable record: {models: {name: {...}}, parus: {name: {style: {...}}}}."""
+    """The machine-readable record: {reference, models: {name: {...}}, parus: {name: {style: {...}}}}.
+    Per model: bpb and bpb_ci (micro, byte-weighted), bpb_macro and bpb_macro_ci (mean over
+    sources), ppl_token, ppl_word, params_total, params_active, train_gpu_seconds (None if
+    unknown), bpb_delta and bpb_macro_delta ({vs: the reference, value, ci}: paired), n_docs,
+    n_sources, max_doc_tokens (None: whole documents). The reference is the table's first model."""
     models, first = {}, quality_df["model"].iloc[0]
+    num = lambda v: None if v is None or pd.isna(v) else v  # noqa: E731
     for r in quality_df.to_dict("records"):
-        models[r["model"]] = {"bpb": r["bpb"], "bpb_ci": [r["bpb_lo"], r["bpb_hi"]], "ppl_token": r["ppl_token"],
-                              "ppl_word": r["ppl_word"], "params_total": int(r["params_total"]),
+        models[r["model"]] = {"bpb": r["bpb"], "bpb_ci": [r["bpb_lo"], r["bpb_hi"]],
+                              "bpb_macro": r["bpb_macro"], "bpb_macro_ci": [r["bpb_macro_lo"], r["bpb_macro_hi"]],
+                              "ppl_token": r["ppl_token"], "ppl_word": r["ppl_word"], "params_total": int(r["params_total"]),
                               "params_active": int(r["params_active"]),
-                              "train_gpu_seconds": None if pd.isna(r["train_gpu_seconds"]) else float(r["train_gpu_seconds"]),
-                              "bpb_delta": {"vs": first, "value": r["bpb_delta"], "ci": [r["bpb_delta_lo"], r["bpb_delta_hi"]]}}
-    return {"models": models, "parus": parus}
+                              "train_gpu_seconds": None if num(r["train_gpu_seconds"]) is None else float(r["train_gpu_seconds"]),
+                              "bpb_delta": {"vs": first, "value": r["bpb_delta"], "ci": [r["bpb_delta_lo"], r["bpb_delta_hi"]]},
+                              "bpb_macro_delta": {"vs": first, "value": r["bpb_macro_delta"],
+                                                  "ci": [r["bpb_macro_delta_lo"], r["bpb_macro_delta_hi"]]},
+                              "n_docs": int(r["n_docs"]), "n_sources": int(r["n_sources"]),
+                              "max_doc_tokens": None if num(r["max_doc_tokens"]) is None else int(r["max_doc_tokens"])}
+    return {"reference": first, "models": models, "parus": parus}
 
 
 def summary_record(record: dict, routers: dict, parus_style: str) -> dict:
     """The experiment's one-line-per-model record (results/<run>/summary.json) from metrics_record's
-    output: bpb with its interval, per-word perplexity, PARus accuracy in `parus_style`, training
+    output: bpb (micro and macro) with intervals, per-word perplexity, PARus accuracy in `parus_style`, training
     device-seconds, stored and active parameters, and the router of each gm model (None otherwise;
     routers maps model name -> router kind)."""
     out = {}
     for name, m in record["models"].items():
-        p = record["parus"][name][parus_style]
-        out[name] = {"bpb": m["bpb"], "bpb_ci": m["bpb_ci"], "ppl_word": m["ppl_word"], "parus_acc": p["acc"],
+        p = record["parus"].get(name, {}).get(parus_style, {"acc": None, "ci": None})  # an oracle has no PARus
+        out[name] = {"bpb": m["bpb"], "bpb_ci": m["bpb_ci"], "bpb_macro": m["bpb_macro"], "bpb_macro_ci": m["bpb_macro_ci"],
+                     "ppl_word": m["ppl_word"], "parus_acc": p["acc"],
                      "parus_ci": p["ci"], "train_gpu_seconds": m["train_gpu_seconds"],
                      "params_total": m["params_total"], "params_active": m["params_active"],
                      "router": routers.get(name)}

@@ -22,6 +22,10 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
 def kind(name: str, router) -> str:
+    if name.endswith("-oracle"):
+        return "gm oracle (upper bound)"
+    if name.endswith("-seed"):
+        return "gm seed alone"
     if router:
         return "gm expert alone" if "-expert" in name else "gm mixture"
     return "dense ensemble" if "+" in name else "dense"
@@ -36,9 +40,9 @@ def _ci(v, lo, hi, fmt="{:.4f}"):
 
 
 def heldout_table(quality: pd.DataFrame, summary: dict) -> pd.DataFrame:
-    """One row per model: what it is, its size and training device-seconds, bpb and per-word
-    perplexity with their 95% intervals, and bpb minus the reference's (the first model) with
-    the paired interval."""
+    """One row per model: what it is, its size and training device-seconds, macro bpb (the
+    headline) and its difference from the reference's (the first model), micro bpb and per-word
+    perplexity with their 95% intervals, and micro bpb minus the reference's; paired intervals."""
     ref = quality["model"].iloc[0]
     rows = []
     for r in quality.itertuples():
@@ -46,6 +50,9 @@ def heldout_table(quality: pd.DataFrame, summary: dict) -> pd.DataFrame:
         rows.append({"model": r.model, "kind": kind(r.model, router), "router": router or "",
                      "params_total_M": round(r.params_total / 1e6, 1), "params_active_M": round(r.params_active / 1e6, 1),
                      "train_gpu_s": None if pd.isna(r.train_gpu_seconds) else round(r.train_gpu_seconds, 1),
+                     "bpb_macro [95% CI]": _ci(r.bpb_macro, r.bpb_macro_lo, r.bpb_macro_hi),
+                     f"bpb_macro - {ref} [95% CI]": "" if r.model == ref else
+                     _ci(r.bpb_macro_delta, r.bpb_macro_delta_lo, r.bpb_macro_delta_hi, "{:+.4f}"),
                      "bpb [95% CI]": _ci(r.bpb, r.bpb_lo, r.bpb_hi),
                      "ppl_word [95% CI]": _ci(r.ppl_word, r.ppl_word_lo, r.ppl_word_hi, "{:.1f}"),
                      f"bpb - {ref} [95% CI]": "" if r.model == ref else _ci(r.bpb_delta, r.bpb_delta_lo, r.bpb_delta_hi, "{:+.4f}")})
@@ -84,7 +91,10 @@ def verdict(quality: pd.DataFrame, summary: dict) -> list[str]:
         lines.append(f"{r.model} ({_m(r.params_total)} stored, {_m(r.params_active)} active, "
                      f"{r.train_gpu_seconds:.0f} device-s) is {word} {ref.model} ({_m(ref.params_total)}, "
                      f"{ref.train_gpu_seconds:.0f} device-s): bpb {r.bpb:.4f} against {ref.bpb:.4f}, difference "
-                     f"{_ci(r.bpb_delta, r.bpb_delta_lo, r.bpb_delta_hi, '{:+.4f}')}."
+                     f"{_ci(r.bpb_delta, r.bpb_delta_lo, r.bpb_delta_hi, '{:+.4f}')}"
+                     + (f"; macro bpb {r.bpb_macro:.4f} against {ref.bpb_macro:.4f}, difference "
+                        f"{_ci(r.bpb_macro_delta, r.bpb_macro_delta_lo, r.bpb_macro_delta_hi, '{:+.4f}')}"
+                        if hasattr(r, "bpb_macro") else "") + "."
                      + "".join(_unpaired(r, d) for d in others))
     return lines
 

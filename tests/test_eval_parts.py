@@ -64,7 +64,7 @@ def test_load_earlier(tmp_path):
     pd.DataFrame({"model": ["ref"]}).to_csv(tmp_path / "eval_quality.csv", index=False)
     with pytest.raises(FileNotFoundError, match="summary.json"):
         eval_parts.load_earlier(tmp_path, "connector")
-    for name in ["eval_parus.csv", "eval_parus_items.csv"]:
+    for name in ["eval_parus.csv", "eval_parus_items.csv", "eval_docs.csv"]:
         pd.DataFrame({"model": ["ref"], "style": ["connector"]}).to_csv(tmp_path / name, index=False)
     (tmp_path / "eval_generations.json").write_text(json.dumps({"texts": {"p": {"ref": "т"}}}))
     (tmp_path / "metrics.json").write_text(json.dumps({"parus": {"ref": {"connector": {"acc": 0.5}}}}))

@@ -10,10 +10,11 @@ def quality(deltas):
     """An eval_quality-like table: the reference first, then one gm mixture per (lo, hi) interval."""
     rows = [dict(model="dense", bpb=1.0, bpb_lo=0.9, bpb_hi=1.1, ppl_word=100.0, ppl_word_lo=90.0, ppl_word_hi=110.0,
                  bpb_delta=0.0, bpb_delta_lo=0.0, bpb_delta_hi=0.0, params_total=100e6, params_active=100e6,
-                 train_gpu_seconds=300.0)]
+                 train_gpu_seconds=300.0, bpb_macro=1.2, bpb_macro_lo=1.0, bpb_macro_hi=1.4, bpb_macro_delta=0.0,
+                 bpb_macro_delta_lo=0.0, bpb_macro_delta_hi=0.0)]
     for i, (lo, hi) in enumerate(deltas):
         rows.append({**rows[0], "model": f"gm{i}-k1", "bpb": 1.0 + (lo + hi) / 2, "bpb_delta": (lo + hi) / 2,
-                     "bpb_delta_lo": lo, "bpb_delta_hi": hi, "params_total": 800e6})
+                     "bpb_delta_lo": lo, "bpb_delta_hi": hi, "params_total": 800e6, "bpb_macro_delta": lo})
     return pd.DataFrame(rows)
 
 
