@@ -211,3 +211,15 @@ def test_torchrun_two_processes_train_different_experts(tiny_shards, tmp_path):
     assert [r["experts"] for r in s["ranks"]] == [["expert_000", "expert_002"], ["expert_001", "expert_003"]]
     assert all(r["steps"] == 8 for r in s["records"])
     assert s["router_path"] == "router/round_001" and len(list((out / "refine" / "round_001").glob("*.npy"))) == 4
+
+
+def test_the_seed_run_loads_alone_with_its_compute(small_run, main_run):
+    """A seeded gm's seed is one more model (<gm>-seed): the store's "seed" weights, charged the seed run's seconds."""
+    out, info = small_run
+    model, acct = gm.load_seed(out)
+    seed_w = weights(out, gm.SEED)
+    assert all(torch.equal(v, seed_w[f"model.{k}"]) for k, v in model.state_dict().items())
+    lm = gm.mixture_loader(out.parent)({"run": out.name, "seed": True}, "cpu")
+    assert lm.train_gpu_seconds == acct["gpu_seconds"] == info["accounting"]["seed_run"]["gpu_seconds"]
+    with pytest.raises(FileNotFoundError, match="no seed run"):
+        gm.load_seed(main_run[0])
