@@ -31,8 +31,8 @@ The prior is honest for perplexity: it only ever sees tokens BEFORE the scored p
   64: 2.0519 / 2.0386, 256: 2.0446 / 2.0382; the old rule (training shares, no bias, 256 tokens
   before the first route) 2.0720 / 2.0492; all 4 experts (k=4) 2.0336. Routing on fewer than
   32 tokens misleads the router; waiting longer is better still only because the k-mixture
-  then becomes the all-expert ensemble on most documents (85% of test documents end before
-  token 256), which params_active = k would no longer describe. 32 tokens of all experts per
+  then becomes the all-expert ensemble on most documents (85% of the full test split's
+  documents end before token 256), which params_active = k would no longer describe. 32 tokens of all experts per
   document is a small extra cost.
   With `known` = c context tokens (the PARus premise, the generation prompt), the first point
   is c (targets before it use that prior too: they are context, not scored honestly), then
