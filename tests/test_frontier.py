@@ -1,0 +1,75 @@
+"""The frontier ledger: paired differences against hand computations, and row replacement."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from gmlib import frontier
+
+
+def _docs():
+    # two sources of unequal size; dense "b" is better than dense "a" on source x only, gm "g" is "a" plus 10 bits a doc
+    rows = []
+    for doc, (src, nb, a, b) in enumerate([("x", 100, 300.0, 200.0), ("x", 50, 100.0, 80.0),
+                                           ("y", 400, 800.0, 800.0), ("y", 200, 500.0, 500.0), ("y", 10, 9.0, 9.0)]):
+        for m, bits in (("a", a), ("b", b), ("g", a + 10)):
+            rows.append({"model": m, "doc": doc, "source": src, "n_bytes": nb, "n_tokens": nb // 4, "n_words": nb // 6,
+                         "bits": bits, "max_doc_tokens": None})
+    return pd.DataFrame(rows)
+
+
+FACTS = {"a": {"kind": "dense", "flops_6nd": 1e15, "model_size": "30m"}, "b": {"kind": "dense", "flops_6nd": 1e15},
+         "g": {"kind": "gm", "flops_6nd": 1e15, "k": 2, "pool": "linear", "family": "local seed=0.75 r=1"}}
+INFO = {m: {"params_total": 8 if m == "g" else 1, "params_active": 2 if m == "g" else 1, "train_gpu_seconds": 3.0}
+        for m in "abg"}
+
+
+def test_rows_pair_every_model_with_the_best_dense_one():
+    df = frontier.rows(_docs(), INFO, FACTS, "B1", None, {"device": "cpu", "commit": "x", "date": "d"}, n_boot=200)
+    r = df.set_index("model")
+    macro_b = ((200 + 80) / 150 + (800 + 500 + 9) / 610) / 2
+    assert r.loc["b", "bpb_macro"] == pytest.approx(macro_b) and set(df["best_dense"]) == {"b"}
+    assert r.loc["b", "delta_macro_vs_best_dense"] == 0.0 and r.loc["b", "delta_vs_best_dense"] == 0.0
+    # g - b, by hand: per source, the difference of bits over the source's bytes, then the mean of the sources
+    macro_gb = ((310 - 200 + 110 - 80) / 150 + 30 / 610) / 2
+    micro_gb = (310 + 110 + 810 + 510 + 19 - 200 - 80 - 800 - 500 - 9) / 760
+    assert r.loc["g", "delta_macro_vs_best_dense"] == pytest.approx(macro_gb)
+    assert r.loc["g", "delta_vs_best_dense"] == pytest.approx(micro_gb)
+    assert r.loc["g", "delta_macro_ci_lo"] <= macro_gb <= r.loc["g", "delta_macro_ci_hi"]
+    assert r.loc["g", "budget_flops_6nd"] == 1e15 and r.loc["g", "k"] == 2 and r.loc["a", "model_size"] == "30m"
+    assert list(df.columns) == frontier.COLUMNS
+
+
+def test_size_names_a_preset_or_counts_parameters():
+    from gmlib.model import PRESETS, make_config
+    from dataclasses import asdict
+    assert frontier._size(asdict(make_config("30m", vocab_size=1000, n_head=4))) == "30m"
+    assert frontier._size(asdict(make_config("30m", vocab_size=1000, n_layer=3))).endswith("M")
+    assert "30m" in PRESETS
+
+
+def _row(budget, model, kind, bpb_macro, flops, family=""):
+    r = {c: np.nan for c in frontier.COLUMNS}
+    r.update(budget=budget, model=model, kind=kind, family=family, bpb_macro=bpb_macro, bpb_macro_ci_lo=bpb_macro - 0.01,
+             bpb_macro_ci_hi=bpb_macro + 0.01, budget_flops_6nd=flops, flops_6nd=flops, delta_macro_vs_best_dense=0.0,
+             delta_macro_ci_lo=-0.01, delta_macro_ci_hi=0.01, delta_vs_best_dense=0.0, delta_ci_lo=-0.01,
+             delta_ci_hi=0.01, params_active=1)
+    return r
+
+
+def test_update_replaces_rows_of_the_same_budget_and_model(tmp_path):
+    path = tmp_path / "runs.csv"
+    frontier.update(path, pd.DataFrame([_row("B1", "dense", "dense", 1.0, 1e15), _row("B1", "gm", "gm", 1.1, 1e15, "r1")]))
+    df = frontier.update(path, pd.DataFrame([_row("B1", "gm", "gm", 0.9, 1e15, "r1"), _row("B2", "dense", "dense", 0.8, 4e15)]))
+    assert len(df) == 3 and df.set_index(KEY := ["budget", "model"]).loc[("B1", "gm"), "bpb_macro"] == 0.9
+    assert frontier.read(path)[KEY].values.tolist() == [["B1", "dense"], ["B1", "gm"], ["B2", "dense"]]
+    best = frontier.best_table(df)
+    assert best[["budget", "best_dense", "best_gm"]].values.tolist() == [["B1", "dense", "gm"]]
+    assert best["delta_macro_rel"].iloc[0] == 0.0
+    assert frontier.best_dense(df)["model"].tolist() == ["dense", "dense"]
+    frontier.figure(df)
+
+
+def test_read_refuses_a_file_that_is_not_a_ledger(tmp_path):
+    (tmp_path / "x.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="not a frontier ledger"):
+        frontier.read(tmp_path / "x.csv")
