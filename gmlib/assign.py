@@ -52,11 +52,38 @@ def balanced_assign(scores: np.ndarray, slack: float = 0.0, weights=None) -> np.
     return labels
 
 
+def balanced_assign_top(scores: np.ndarray, r: int, slack: float = 0.0, weights=None) -> np.ndarray:
+    """(n, r): each row to r distinct columns, column j of the result one balanced_assign round
+    over the columns the row does not have yet, so every round is balanced and every expert
+    gets about r / E of the load (c-BTM's overlap). Column 0 is balanced_assign itself. A row
+    whose remaining columns are all full in a round keeps one expert fewer (-1): rare, and
+    never more load than the cap. r >= E: every row to every column, in order."""
+    n, E = scores.shape
+    if r < 1:
+        raise ValueError(f"r must be >= 1, got {r}")
+    if r >= E:
+        return np.tile(np.arange(E, dtype=np.int64), (n, 1))
+    s, out = np.array(scores, np.float64), []
+    for _ in range(r):
+        lab = balanced_assign(s, slack, weights)
+        seen = np.zeros(n, bool)
+        for prev in out:
+            seen |= prev == lab
+        out.append(np.where(seen, -1, lab))
+        # chosen columns sink below every score, but stay finite: balanced_assign closes only full columns
+        s[np.arange(n), lab] = -1e30
+    return np.stack(out, axis=1)
+
+
 def check_assign(assign, shards: TokenShards, n_experts: int) -> np.ndarray:
-    """An assignment of the shards' documents as int64, or ValueError if it is not one."""
+    """An assignment of the shards' documents as int64, (n_docs,) or (n_docs, r) with -1 for
+    'no further expert', or ValueError if it is not one."""
     assign = np.asarray(assign, np.int64)
-    if assign.shape != (shards.n_docs,) or (assign.size and (assign.min() < 0 or assign.max() >= n_experts)):
-        raise ValueError(f"{shards.root}: assignment must be {shards.n_docs} expert ids in [0, {n_experts})")
+    first = assign if assign.ndim == 1 else assign[:, 0] if assign.ndim == 2 else None
+    if first is None or len(assign) != shards.n_docs or (assign.size and (
+            first.min() < 0 or assign.min() < -1 or assign.max() >= n_experts)):
+        raise ValueError(f"{shards.root}: assignment must be {shards.n_docs} expert ids in [0, {n_experts})"
+                         " (or rows of them, -1 after the first for none)")
     return assign
 
 
@@ -76,13 +103,16 @@ def route_shards(router, shards: TokenShards, out_root, assign: np.ndarray | Non
         return paths
     manifest.unlink(missing_ok=True)
     labels = check_assign(router.assign(shards) if assign is None else assign, shards, E)
+    rows = labels.reshape(len(labels), -1)  # a document goes to every expert of its row
     per = max(2 ** 20, min(SHARD_TOKENS, ram_tokens // E))
     with ExitStack() as stack:
         writers = [stack.enter_context(ShardWriter(p, shards.vocab_size, shards.sources, shard_tokens=per)) for p in paths]
         for i in range(shards.n_docs):
-            writers[labels[i]].add(shards.doc(i), int(shards.doc_source[i]), int(shards.doc_nbytes[i]))
+            doc = shards.doc(i)
+            for e in rows[i][rows[i] >= 0]:
+                writers[e].add(doc, int(shards.doc_source[i]), int(shards.doc_nbytes[i]))
     with atomic.atomic_path(out_root / "assign.npy") as tmp:
         with open(tmp, "wb") as f:
             np.save(f, labels)
-    atomic.write_json(manifest, {"key": key, "docs": np.bincount(labels, minlength=E).tolist()})
+    atomic.write_json(manifest, {"key": key, "docs": np.bincount(rows[rows >= 0], minlength=E).tolist()})
     return paths

@@ -5,11 +5,19 @@ every expert's weights and AdamW state on disk / in RAM / on the GPU, the Traine
 ordinary loop. This module only decides the schedule:
   1. rank 0 fits the router on (a sample of) the training documents and routes train and val
      into per-expert shard folders: out_dir/routed/round_000/{train,val}/expert_XXX;
-  2. optionally (BTM) rank 0 trains a short dense seed run on all data and every expert branches
-     from its weights (with fresh AdamW moments); otherwise each expert starts from its own init;
+  2. optionally (BTM, c-BTM) a seed run: the dense twin's first seed_fraction of the budget on
+     all data, trained here by rank 0 exactly as gmlib.train.setup would (same init, data order
+     and schedule) or taken from a dense run's branch checkpoint (seed_from). Every expert
+     branches from it: the seed's weights, AdamW moments, step and data position, so it goes on
+     at the seed's learning rate (no re-warmup) and runs its own decay at the end of its budget.
+     Without a seed each expert starts from its own init;
   3. each rank trains the experts it owns (e % world_size == rank) in long segments of
      segment_steps, round-robin: switching is rare, and the next expert is prefetched while one
-     trains. An expert's budget is its share of the routed tokens times `tokens` (or `tokens`);
+     trains. Budget (plan_budget): `tokens` is the whole gm's, seed included, as a dense twin's
+     max_tokens; what the seed leaves is split by the experts' shares of the routed tokens
+     (budget "share"; "fixed": each expert's trajectory is `tokens` long, K times the compute).
+     With train_top_r = r each training document goes to its r best experts (r = n_experts:
+     every expert sees all data, an ensemble whose members differ in data order and init);
   4. refinement (optional): the budget is cut into refine_rounds + 1 phases; after a phase every
      expert scores a fixed sample of training documents with ITS OWN model, the router moves each
      document to the expert that predicts it best (the prototypes follow), train and val are
@@ -40,7 +48,9 @@ from .mixture import window_logprobs
 from .model import GPT, GPTConfig, make_config
 from .router import load_router, make_router, route_shards
 from .store import ExpertStore
-from .train import VAL_SEED, Trainer, TrainConfig, make_optimizer, resolve_device
+from .checkpoint import read_checkpoint
+from .train import (VAL_SEED, Trainer, TrainConfig, branch_path, branch_step, make_optimizer, resolve_device,
+                    stable_until)
 
 FORMAT = "gm-v1"
 SEED = "seed"  # the store name of the shared BTM seed run
@@ -60,8 +70,12 @@ class GMConfig:
     budget: str = "share"           # "share": expert e trains tokens * share_e; "fixed": tokens each
     tokens: int = 1_000_000
     segment_steps: int = 1000       # steps an expert trains before the next one is swapped in
-    seed_steps: int = 0             # BTM seed run on all data that every expert branches from; 0: none
-    refine_rounds: int = 0          # expert-feedback re-routings during training
+    seed_fraction: float = 0.0      # share of the budget spent in the seed run every expert branches from; 0: none
+    seed_steps: int = 0             # the branch point in steps instead (older params); at most one of the two
+    seed_from: str | None = None    # a dense run's checkpoint folder whose branch_<step> file is the seed
+    #                                 (gmlib.train.run_with_branches); None: the seed is trained here
+    train_top_r: int = 1            # each training document goes to its r best experts (n_experts: to all)
+    refine_rounds: int = 0          # expert-feedback re-routings during training (r = 1 only)
     refine_docs: int = 512          # training documents every expert scores for a refinement
     gpu_bytes: int | None = None    # store's GPU tier (None: two expert states)
     ram_bytes: int | None = None    # store's RAM tier (None: this rank's experts + 2, at most half the RAM)
@@ -75,9 +89,18 @@ class GMConfig:
             self.train = TrainConfig(**self.train)
         if self.budget not in ("share", "fixed"):
             raise ValueError(f"GMConfig: budget={self.budget!r}; choose 'share' or 'fixed'")
-        for k in ("n_experts", "tokens", "segment_steps", "refine_docs"):
+        for k in ("n_experts", "tokens", "segment_steps", "refine_docs", "train_top_r"):
             if getattr(self, k) < 1:
                 raise ValueError(f"GMConfig: {k}={getattr(self, k)} must be >= 1")
+        if not 0 <= self.seed_fraction < 1 or self.seed_steps < 0 or (self.seed_fraction and self.seed_steps):
+            raise ValueError(f"GMConfig: give seed_fraction in [0, 1) or seed_steps >= 0, not both "
+                             f"(seed_fraction={self.seed_fraction}, seed_steps={self.seed_steps})")
+        if self.seed_from and not (self.seed_fraction or self.seed_steps):
+            raise ValueError("GMConfig: seed_from needs a branch point (seed_fraction or seed_steps)")
+        if self.train_top_r > self.n_experts:
+            raise ValueError(f"GMConfig: train_top_r={self.train_top_r} > n_experts={self.n_experts}")
+        if self.train_top_r > 1 and self.refine_rounds:
+            raise ValueError("GMConfig: refinement moves each document to one expert; use it with train_top_r=1")
 
     @classmethod
     def from_dict(cls, d: dict) -> "GMConfig":
@@ -113,6 +136,28 @@ def _state_bytes(mcfg: GPTConfig) -> int:
     d, h = mcfg.n_embd, mcfg.mlp_ratio * mcfg.n_embd
     sizes = [mcfg.vocab_size * d, d] + mcfg.n_layer * [d, 3 * d * d, d * d, d, h * d, d * h]
     return sum(3 * (-(-4 * n // 256) * 256) + 256 for n in sizes)
+
+
+def plan_budget(cfg: GMConfig, tok_step: int, routed_tokens) -> dict:
+    """Every step count of a gm, from its total budget. total_steps is what a dense twin with
+    max_tokens = cfg.tokens trains (gmlib.train rounds up the same way); the seed takes the
+    first branch_step of them; the experts share the rest by their routed tokens, rounded
+    down, so under budget "share" seed + experts never pass the twin's steps (6ND compute).
+    An expert's Trainer runs from branch_step to max_steps[e] = branch_step + own_steps[e]."""
+    total = math.ceil(cfg.tokens / tok_step)
+    branch = cfg.seed_steps or (branch_step(cfg.seed_fraction, total) if cfg.seed_fraction else 0)
+    if branch >= total:
+        raise ValueError(f"GMConfig: the seed's {branch} steps leave nothing of the budget's {total} "
+                         f"(tokens={cfg.tokens}, {tok_step} tokens a step)")
+    routed = np.asarray(routed_tokens, np.float64)
+    shares = routed / max(1.0, routed.sum())
+    if cfg.budget == "share":
+        own = [int(math.floor((total - branch) * s + 1e-9)) for s in shares]
+    else:
+        own = [total - branch] * len(shares)
+    own = [o if branch or o else 1 for o in own]  # an expert from scratch trains at least one step
+    return {"total_steps": total, "branch_step": branch, "shares": shares, "own_steps": own,
+            "max_steps": [branch + o for o in own], "budget_tokens": [o * tok_step for o in own]}
 
 
 def _flat(d: dict) -> dict:
@@ -158,28 +203,33 @@ class _Rank:
         return self.out / "experts" / f"{name}.json"
 
     def segment(self, name, job, target, nxt=None) -> dict:
-        """Load expert `name` (or initialise it), train it toward step `target` for at most
-        segment_steps, and put it back. The last segment stores weights only (the run is over)."""
+        """Load expert `name` (or initialise it: job.init() gives its tensors and, for a branch,
+        its trainer state), train it toward step `target` for at most segment_steps, and put it
+        back. A run ends at its budget or at job.stop (the seed: its branch step); the last
+        segment stores weights only, unless job.keep_optimizer (the seed, which others continue)."""
         st = self.store
-        tensors, meta = st.get(name) if name in st else (job.init(), {})
+        fresh = name not in st
+        tensors, meta = job.init() if fresh else st.get(name)
         load_state_tensors(self.model, self.opt, tensors)  # copies: the store's views may now expire
         del tensors
         if nxt is not None and nxt in st:
             st.prefetch(nxt)                               # loads while this expert trains
         tr = Trainer(self.model, job.tcfg, job.train, job.val, optimizer=self.opt)
-        if meta:
+        if meta.get("trainer"):
             tr.load_state_dict(meta["trainer"])
-        elif job.val:
+        if fresh and job.val:  # a branched expert's start is its seed's loss on this expert's documents
             meta["val_loss_start"] = tr.evaluate()
         if not meta.get("done"):
             before = tr.step
             acct = tr.run(min(self.cfg.segment_steps, max(0, target - tr.step)), progress=False)
-            meta.update(trainer=tr.state_dict(), accounting=acct, done=tr.done, rank=self.rank, pid=os.getpid())
-            if tr.done and job.val:  # run() validates a finished expert
+            finished = tr.done or tr.step >= job.stop
+            meta.update(trainer=tr.state_dict(), accounting=acct, done=finished, rank=self.rank, pid=os.getpid())
+            if finished and job.val:  # run() validates a finished expert
                 h = tr.history
                 meta["val_loss"] = h["val_loss"][-1] if h["val_step"][-1:] == [tr.step] else tr.evaluate()
-            if tr.step > before or tr.done:
-                st.put(name, state_tensors(self.model, self.opt), meta, durable=True, keep_optimizer=not tr.done)
+            if tr.step > before or finished:
+                st.put(name, state_tensors(self.model, self.opt), meta, durable=True,
+                       keep_optimizer=job.keep_optimizer or not finished)
             if self.verbose and tr.history["loss"]:
                 val = f" val {meta['val_loss']:.3f}" if meta.get("val_loss") is not None else ""
                 print(f"  {name}: step {tr.step}/{tr.max_steps} loss {tr.history['loss'][-1]:.3f}{val}", flush=True)
@@ -211,19 +261,60 @@ class _Rank:
             np.save(f, col)
 
 
-def _job(rank: _Rank, train: TokenShards, val: TokenShards | None, max_steps: int, data_seed: int, init):
+def _job(rank: _Rank, train: TokenShards, val: TokenShards | None, max_steps: int, data_seed: int, init,
+         stop: int | None = None, keep_optimizer: bool = False, decay_frac: float | None = None):
     T, bs = rank.mcfg.seq_len, rank.tcfg.batch_size
     try:  # an expert whose val shard is too small for one window gets no val loss
         vs = WindowSampler(val, T, bs, seed=VAL_SEED) if val is not None else None
     except ValueError:
         vs = None
-    return SimpleNamespace(tcfg=replace(rank.tcfg, max_steps=max(1, max_steps), max_tokens=None, seed=data_seed),
-                           train=WindowSampler(train, T, bs, seed=data_seed), val=vs, init=init)
+    tcfg = replace(rank.tcfg, max_steps=max(1, max_steps), max_tokens=None, seed=data_seed,
+                   decay_frac=rank.tcfg.decay_frac if decay_frac is None else decay_frac)
+    return SimpleNamespace(tcfg=tcfg, train=WindowSampler(train, T, bs, seed=data_seed), val=vs, init=init,
+                           stop=tcfg.max_steps if stop is None else stop, keep_optimizer=keep_optimizer)
 
 
 def _fresh(mcfg, seed):
     torch.manual_seed(seed)
-    return {f"model.{k}": v for k, v in GPT(mcfg).state_dict().items()}
+    return {f"model.{k}": v for k, v in GPT(mcfg).state_dict().items()}, {}
+
+
+def _branch(seed_tensors: dict, seed_meta: dict):
+    """An expert's starting state at the branch point: the seed's weights and AdamW moments (with
+    their step counts), and its trainer step and data position; its own accounting starts at
+    zero (the seed's compute is counted once, in the seed's record)."""
+    t = seed_meta["trainer"]
+    return dict(seed_tensors), {"trainer": {"step": t["step"], "data_pos": t["data_pos"],
+                                            "acct": {"tokens": 0, "seconds": 0.0, "eval_seconds": 0.0},
+                                            "history": {k: [] for k in t["history"]}}}
+
+
+# the settings that make a seed checkpoint this gm's: its trajectory up to the branch point
+TWIN = ("batch_size", "grad_accum", "lr", "warmup_steps", "schedule", "betas", "grad_clip")
+
+
+def _import_seed(rk: _Rank, path: Path, branch: int, total: int, tok_step: int) -> dict:
+    """Put a dense run's branch checkpoint into the store as the seed (weights and moments) and
+    return its record; ValueError if it is not a state this gm's twin passes at `branch`."""
+    tensors, meta = read_checkpoint(path, "cpu")
+    tc, gm_tc = TrainConfig(**meta["train_config"]), rk.tcfg
+    if GPTConfig(**meta["config"]) != rk.mcfg:
+        raise ValueError(f"{path}: the seed's model {meta['config']} is not this gm's experts' {asdict(rk.mcfg)}")
+    if bad := [k for k in TWIN if getattr(tc, k) != getattr(gm_tc, k)]:
+        raise ValueError(f"{path}: the seed run's {bad} differ from this gm's: not its dense twin")
+    ck_total, ck_tok = meta.get("max_steps"), tc.batch_size * tc.grad_accum * rk.mcfg.seq_len
+    # a wsd state in its stable phase is the same in a run of any length; a cosine one only in its own length
+    same = branch <= stable_until(tc, ck_total) if tc.schedule == "wsd" else ck_total == total
+    if meta["step"] != branch or ck_tok != tok_step or not same:
+        raise ValueError(f"{path}: a state at step {meta['step']} of a {tc.schedule} run of {ck_total} steps; this gm "
+                         f"branches at step {branch} of {total} (in its stable phase for wsd, the same run for cosine)")
+    rec = {"trainer": {k: meta[k] for k in ("step", "data_pos", "acct", "history")}, "accounting": meta["accounting"],
+           "done": True, "rank": rk.rank, "pid": os.getpid(), "source": str(path), "data_seed": tc.seed,
+           "weight_decay": tc.weight_decay}
+    rk.store.put(SEED, tensors, rec, durable=True, keep_optimizer=True)
+    rk.store.flush()
+    atomic.write_json(rk.record_path(SEED), {"name": SEED, **rec})
+    return rec
 
 
 def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int = 1, verbose: bool = False,
@@ -247,7 +338,8 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
         prev = out / "config.json"
         if prev.is_file():
             old, new = _flat(json.loads(prev.read_text())["config"]), _flat(json.loads(json.dumps(cfg.to_dict())))
-            if changed := sorted(k for k, v in new.items() if k.split(".")[-1] not in FREE and old.get(k) != v):
+            dflt = _flat(json.loads(json.dumps(GMConfig().to_dict())))  # a setting newer than the gm: its default
+            if changed := sorted(k for k, v in new.items() if k.split(".")[-1] not in FREE and old.get(k, dflt.get(k)) != v):
                 raise ValueError(f"{prev}: this gm was made with other {changed}; use a new out_dir")
         atomic.write_json(prev, {"config": cfg.to_dict(), "model_config": asdict(mcfg)})
         if not _round_done(out, 0):
@@ -256,24 +348,28 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
                 router, assign = fresh.fit(train_all), None
             elif router.cfg != fresh.cfg:
                 raise ValueError(f"train_gm: the given router's settings {router.cfg} are not this gm's {fresh.cfg}")
+            if cfg.train_top_r > 1:  # column 0 is the top-1 assignment a caller may have passed
+                assign = router.assign_top(train_all, cfg.train_top_r)
             _route(router, data_root, out, 0, assign=assign)
     _barrier()
     t0 = time.perf_counter()
     rk = _Rank(cfg, mcfg, out, dev, len(own), rank, verbose)
-    seed_acct = None
-    if cfg.seed_steps:
-        if rank == 0:
-            rk.phase({SEED: _job(rk, train_all, val_all, cfg.seed_steps, _seed(cfg.seed, 4),
-                                 lambda: _fresh(mcfg, _seed(cfg.seed, 3)))}, {SEED: cfg.seed_steps})
+    routed0 = json.loads((out / "routed" / "round_000" / "done.json").read_text())
+    tok_step = cfg.train.batch_size * cfg.train.grad_accum * mcfg.seq_len
+    plan = plan_budget(cfg, tok_step, routed0["tokens"])
+    shares, branch, max_steps = plan["shares"], plan["branch_step"], plan["max_steps"]
+    seed_acct, seed_meta = None, None
+    if branch:
+        if rank == 0 and not rk.record_path(SEED).is_file():
+            if cfg.seed_from:
+                _import_seed(rk, branch_path(cfg.seed_from, branch), branch, plan["total_steps"], tok_step)
+            else:  # the dense twin's own start (gmlib.train.setup): its init, data order and budget
+                rk.phase({SEED: _job(rk, train_all, val_all, plan["total_steps"], cfg.seed,
+                                     lambda: _fresh(mcfg, cfg.seed), stop=branch, keep_optimizer=True)}, {SEED: branch})
         _barrier()
         seed_meta = json.loads(rk.record_path(SEED).read_text())
         seed_acct = seed_meta["accounting"]
-        seed_tensors = {k: v for k, v in rk.store.read(SEED)[0].items() if k.startswith("model.")}
-    routed0 = json.loads((out / "routed" / "round_000" / "done.json").read_text())
-    shares = np.array(routed0["tokens"], np.float64) / max(1, sum(routed0["tokens"]))
-    tok_step = cfg.train.batch_size * cfg.train.grad_accum * mcfg.seq_len
-    budget = [cfg.tokens * (s if cfg.budget == "share" else 1.0) for s in shares]
-    max_steps = [max(1, round(b / tok_step)) for b in budget]
+        seed_tensors = rk.store.read(SEED)[0]
     phases = cfg.refine_rounds + 1
     sample_idx = _refine_sample(train_all, cfg.refine_docs, cfg.seed) if cfg.refine_rounds else None
     for p in range(phases):
@@ -281,11 +377,17 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
         rd = out / "routed" / f"round_{r:03d}"
         jobs = {}
         for e in own:
-            init = (lambda: dict(seed_tensors)) if cfg.seed_steps else (lambda e=e: _fresh(mcfg, _seed(cfg.seed, 1, e)))
+            init = (lambda: _branch(seed_tensors, seed_meta)) if branch else (lambda e=e: _fresh(mcfg, _seed(cfg.seed, 1, e)))
+            # expert 0 goes on with the seed's stream of batches (so a one-expert gm IS its dense twin);
+            # the others draw their own, so experts that share documents (train_top_r > 1) still differ
+            data_seed = seed_meta.get("data_seed", cfg.seed) if branch and e == 0 else _seed(cfg.seed, 2, e)
+            # wsd: the expert decays over the last decay_frac of its own trajectory (seed + own steps),
+            # as its twin does, but never before its branch point
+            decay = min(cfg.train.decay_frac, plan["own_steps"][e] / max_steps[e]) if branch else None
             val = TokenShards(rd / "val" / expert_name(e)) if (rd / "val").is_dir() else None
             jobs[expert_name(e)] = _job(rk, TokenShards(rd / "train" / expert_name(e)), val, max_steps[e],
-                                        _seed(cfg.seed, 2, e), init)
-        rk.phase(jobs, {expert_name(e): math.ceil(max_steps[e] * (p + 1) / phases) for e in own})
+                                        data_seed, init, decay_frac=decay)
+        rk.phase(jobs, {expert_name(e): branch + math.ceil(plan["own_steps"][e] * (p + 1) / phases) for e in own})
         if p == phases - 1:
             break
         loss_dir = out / "refine" / f"round_{p + 1:03d}"
@@ -312,29 +414,34 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
     _barrier()
     if rank != 0:
         return mine
-    summary = summarize(cfg, mcfg, out, world_size, shares, budget, max_steps, seed_acct)
+    summary = summarize(cfg, mcfg, out, world_size, plan, seed_meta)
     atomic.write_json(out / "gm.json", summary)
     return summary
 
 
-ADDITIVE = ("step", "tokens", "gpu_seconds", "eval_seconds", "flops_6nd", "flops")
+ADDITIVE = ("tokens", "gpu_seconds", "eval_seconds", "flops_6nd", "flops")
 
 
-def summarize(cfg, mcfg, out: Path, world_size, shares, budget, max_steps, seed_acct) -> dict:
+def summarize(cfg, mcfg, out: Path, world_size, plan: dict, seed_meta: dict | None) -> dict:
     """gm.json: config, experts with their shares, steps and val losses, and compute summed over
-    experts (and the seed run) in the dense trainer's terms, plus the store's swap accounting."""
+    experts (and the seed run) in the dense trainer's terms, plus the store's swap accounting.
+    An expert's `steps` counts from the start of its trajectory (the seed's steps included);
+    `own_steps` are the ones it trained itself."""
+    shares, max_steps, branch = plan["shares"], plan["max_steps"], plan["branch_step"]
+    seed_acct = seed_meta["accounting"] if seed_meta else None
     final = max(r for r in range(cfg.refine_rounds + 1) if _round_done(out, r))
     routed = json.loads((out / "routed" / f"round_{final:03d}" / "done.json").read_text())
     records = []
     for e in range(cfg.n_experts):
         m = json.loads((out / "experts" / f"{expert_name(e)}.json").read_text())
         records.append({"name": expert_name(e), "expert": e, "rank": m["rank"], "pid": m["pid"], "share": float(shares[e]),
-                        "budget_tokens": int(budget[e]), "max_steps": max_steps[e], "steps": m["trainer"]["step"],
+                        "budget_tokens": int(plan["budget_tokens"][e]), "max_steps": max_steps[e], "steps": m["trainer"]["step"],
+                        "branch_step": branch, "own_steps": m["trainer"]["step"] - branch,
                         "docs_final": routed["docs"][e], "val_loss_start": m.get("val_loss_start"),
                         "val_loss": m.get("val_loss"), "accounting": m["accounting"], "history": m["trainer"]["history"]})
     accts = [r["accounting"] for r in records] + ([seed_acct] if seed_acct else [])
     acct = {k: sum(a[k] for a in accts) for k in ADDITIVE}
-    acct.update(params=cfg.n_experts * mcfg.n_params, params_per_expert=mcfg.n_params, params_active=mcfg.n_params,
+    acct.update(step=acct["tokens"] // (cfg.train.batch_size * cfg.train.grad_accum * mcfg.seq_len),params=cfg.n_experts * mcfg.n_params, params_per_expert=mcfg.n_params, params_active=mcfg.n_params,
                 flops_per_token=mcfg.flops_per_token(), tokens_per_s=acct["tokens"] / acct["gpu_seconds"] if acct["gpu_seconds"] else 0.0,
                 device=accts[0]["device"], seed_run=seed_acct)
     ranks = [json.loads((out / "ranks" / f"rank_{r:03d}.json").read_text()) for r in range(world_size)]
@@ -342,7 +449,12 @@ def summarize(cfg, mcfg, out: Path, world_size, shares, budget, max_steps, seed_
     swap = {"bytes_moved": sum(moved(r["store"]) for r in ranks), "copy_s": sum(r["store"]["copy_s"] for r in ranks),
             "wait_s": sum(r["store"]["wait_s"] for r in ranks), "wall_s": max(r["wall_s"] for r in ranks)}
     swap["wait_frac"] = max(r["store"]["wait_s"] / r["wall_s"] if r["wall_s"] else 0.0 for r in ranks)
+    seed = None if seed_meta is None else {
+        "step": branch, "source": seed_meta.get("source", "trained here"), "val_loss": seed_meta.get("val_loss"),
+        "history": seed_meta["trainer"]["history"]}
     return {"format": FORMAT, "config": cfg.to_dict(), "model_config": asdict(mcfg), "router": cfg.router,
+            "schedule": cfg.train.schedule, "seed_fraction": branch / plan["total_steps"], "train_top_r": cfg.train_top_r,
+            "total_steps": plan["total_steps"], "branch_step": branch, "seed": seed,
             "router_path": f"router/round_{final:03d}", "n_experts": cfg.n_experts,
             "experts": [r["name"] for r in records], "world_size": world_size, "shares": [float(s) for s in shares],
             "val_loss": [r["val_loss"] for r in records], "records": records, "accounting": acct,
@@ -387,7 +499,7 @@ def load_seed(out_dir, device="cpu") -> tuple[GPT, dict]:
     info = json.loads((out / "gm.json").read_text())
     acct = info["accounting"].get("seed_run")
     if not acct or not (out / "experts" / f"{SEED}.json").is_file():
-        raise FileNotFoundError(f"{out}: this gm has no seed run (seed_steps=0)")
+        raise FileNotFoundError(f"{out}: this gm has no seed run (seed_fraction and seed_steps were 0)")
     store = ExpertStore(out / "store", 4 * _state_bytes(GPTConfig(**info["model_config"])), 0, torch.device("cpu"))
     model = GPT(GPTConfig(**info["model_config"]))
     load_state_tensors(model, None, {k: v for k, v in store.read(SEED)[0].items() if k.startswith("model.")})

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import atomic
-from .assign import balanced_assign, route_shards  # noqa: F401  (route_shards: re-exported, part of this API)
+from .assign import balanced_assign, balanced_assign_top, route_shards  # noqa: F401  (route_shards: re-exported, part of this API)
 from .features import (Features, FlyHash, csr_group_sums, csr_matmul, csr_row, doc_batches, doc_getter, doc_lengths,
                        hash_uniforms)
 
@@ -100,6 +100,14 @@ class Router:
         tokens this is the training score of the prefix exactly."""
         n, get = doc_getter(prefixes)
         return np.asarray(self._assign_scores([get(i)[-self.cfg.max_tokens:] for i in range(n)]), np.float64)
+
+    def assign_top(self, docs, r: int, slack: float | None = None) -> np.ndarray:
+        """(n_docs, r): each document to its r best experts, every round balanced like assign()
+        (column 0 is assign()); r >= n_experts: every document to every expert."""
+        if r >= self.n_experts:
+            return balanced_assign_top(np.zeros((doc_getter(docs)[0], self.n_experts)), r)
+        return balanced_assign_top(self._assign_scores(docs), r, self.cfg.slack if slack is None else slack,
+                                   self._weights(docs))
 
     def _weights(self, docs):
         return doc_lengths(docs) if self.cfg.balance == "tokens" else None

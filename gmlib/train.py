@@ -1,8 +1,15 @@
 """Training one model: the loop every dense baseline and every gm expert goes through.
 
 bf16 autocast on CUDA (fp32 on CPU), fused AdamW with weight decay on 2-D weights only,
-linear warmup times a cosine decay, gradient clipping and accumulation, optional
-torch.compile, periodic validation, compute accounting and atomic checkpoints.
+linear warmup times a cosine decay or warmup-stable-decay (WSD), gradient clipping and
+accumulation, optional torch.compile, periodic validation, compute accounting and atomic
+checkpoints.
+
+WSD and branching. Under WSD the learning rate is flat after the warmup until the last
+decay_frac of the budget, so the run's state at any step of the stable phase does not depend
+on how long the run will be. A run can therefore save branch checkpoints (run_with_branches:
+weights, AdamW moments, step, data position) along its stable phase; gm experts continue from
+one of them, and the same run, decayed at its end, is their dense twin.
 
 Resumable by construction: the WindowSampler's batch k depends only on (seed, k), so the
 whole data state is the position counter `data_pos`, and a resumed run sees exactly the
@@ -29,11 +36,12 @@ from .data import TokenShards, WindowSampler
 from .model import GPT, GPTConfig
 
 VAL_SEED = 12345  # validation batches are the same whatever the training seed
+SCHEDULES = ("cosine", "wsd")
 
 
 @dataclass
 class TrainConfig:
-    # budget: the cosine ends, and training stops, at whichever of these runs out first
+    # budget: the schedule ends, and training stops, at whichever of these runs out first
     max_steps: int = 300
     max_tokens: int | None = None
     max_seconds: float | None = None   # device wall time of the training loop (compile included; eval, checkpoints not)
@@ -42,6 +50,8 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 20
+    schedule: str = "cosine"           # "cosine": warmup, cosine to min_lr; "wsd": warmup, flat lr, decay at the end
+    decay_frac: float = 0.2            # wsd: the last fraction of the budget decays lr to min_lr (1 - sqrt)
     weight_decay: float = 0.1
     betas: tuple = (0.9, 0.95)
     grad_clip: float = 1.0             # max global gradient norm; 0 disables
@@ -64,6 +74,10 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig: {k}={getattr(self, k)} must be >= 1")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"TrainConfig: need 0 <= min_lr ({self.min_lr}) <= lr ({self.lr})")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"TrainConfig: schedule={self.schedule!r}; choose one of {SCHEDULES}")
+        if not 0 <= self.decay_frac <= 1:
+            raise ValueError(f"TrainConfig: decay_frac={self.decay_frac} must be in [0, 1]")
         if self.fp8 not in fp8.CHOICES:
             raise ValueError(f"TrainConfig: fp8={self.fp8!r}; choose one of {fp8.CHOICES}")
         if self.fp8_scaling not in fp8.SCALINGS:
@@ -85,10 +99,40 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device) -> torch.op
 
 
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
-    """Linear warmup over the first warmup_steps, times a cosine from lr to min_lr over the budget
-    (progress 0..1: the largest spent fraction of steps, tokens or seconds)."""
+    """Linear warmup over the first warmup_steps, times the schedule's shape over the budget
+    (progress 0..1: the largest spent fraction of steps, tokens or seconds):
+      cosine: from lr to min_lr over the whole budget;
+      wsd:    lr until 1 - decay_frac, then 1 - sqrt down to min_lr at the end. 1 - sqrt rather
+              than linear: Hägele et al. 2024 (Scaling Laws and Compute-Optimal Training Beyond
+              Fixed Training Durations) find it beats a linear cooldown and matches cosine."""
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    return warm * (cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0))))
+    p = min(progress, 1.0)
+    if cfg.schedule == "cosine":
+        shape = 0.5 * (1 + math.cos(math.pi * p))
+    else:
+        into = (p - (1 - cfg.decay_frac)) / cfg.decay_frac if cfg.decay_frac else 0.0
+        shape = 1 - math.sqrt(min(1.0, max(0.0, into)))
+    return warm * (cfg.min_lr + (cfg.lr - cfg.min_lr) * shape)
+
+
+def branch_step(fraction: float, total_steps: int) -> int:
+    """The step at which a run of total_steps passes `fraction` of its budget: where gm experts
+    branch (gm.py) and where a dense run saves the checkpoint they branch from (run_with_branches).
+    One function for both, so the two always agree."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"branch fraction {fraction} must be in (0, 1)")
+    return max(1, min(total_steps - 1, round(fraction * total_steps)))
+
+
+def stable_until(cfg: TrainConfig, total_steps: int) -> int:
+    """The last step whose learning rate (after warmup) does not depend on the budget: the
+    state at a step <= this is the same in a run of any length >= total_steps' decay start."""
+    return math.floor((1 - cfg.decay_frac) * total_steps) if cfg.schedule == "wsd" else 0
+
+
+def branch_path(ckpt_dir, step: int) -> Path:
+    """Where a run saves its branch checkpoint at `step` (next to its checkpoint.safetensors)."""
+    return Path(ckpt_dir) / f"branch_{step:07d}.safetensors"
 
 
 class Trainer:
@@ -260,7 +304,8 @@ class Trainer:
         rng = {"torch": _b64(torch.get_rng_state())}
         if self.device.type == "cuda":
             rng["cuda"] = _b64(torch.cuda.get_rng_state(self.device))
-        meta = {**self.state_dict(), "accounting": self.accounting(), "train_config": asdict(self.cfg), "rng": rng}
+        meta = {**self.state_dict(), "accounting": self.accounting(), "train_config": asdict(self.cfg), "rng": rng,
+                "max_steps": self.max_steps}
         return checkpoint.save_checkpoint(path, self.model, self.optimizer, meta)
 
     def resume(self, path) -> dict:
@@ -272,6 +317,31 @@ class Trainer:
         if self.device.type == "cuda" and "cuda" in meta["rng"]:
             torch.cuda.set_rng_state(_unb64(meta["rng"]["cuda"]), self.device)
         return meta
+
+
+def run_with_branches(tr: Trainer, fractions, ckpt_dir, **run_kw) -> tuple[dict, dict]:
+    """Run tr to the end of its budget, saving a full checkpoint (branch_path) when it passes
+    each fraction of its budget, so gm experts can continue from there. Returns (accounting,
+    {step: path}). Needs a step- or token-bound WSD run: a time-bound run's branch steps are not
+    known in advance, and a cosine run's state depends on its length from step 1, so a gm of a
+    different length could not share it."""
+    steps = sorted({branch_step(f, tr.max_steps) for f in fractions})
+    if steps and (tr.cfg.schedule != "wsd" or tr.cfg.max_seconds):
+        raise ValueError("branch_fractions need schedule='wsd' and a step or token budget (max_seconds unset)")
+    if steps and steps[-1] > stable_until(tr.cfg, tr.max_steps):
+        raise ValueError(f"branch step {steps[-1]} lies in the decay (from step {stable_until(tr.cfg, tr.max_steps)}):"
+                         f" a branch point must be at most 1 - decay_frac = {1 - tr.cfg.decay_frac} of the budget")
+    paths = {}
+    for s in steps:
+        path = branch_path(ckpt_dir, s)
+        if tr.step < s:
+            tr.run(steps=s - tr.step, **run_kw)
+        if not path.is_file():
+            if tr.step != s:
+                raise ValueError(f"{path}: missing, and the run (resumed at step {tr.step}) is past its step {s}")
+            tr.save(path)
+        paths[s] = path
+    return tr.run(**run_kw), paths
 
 
 def check_data(model_cfg: GPTConfig, sampler: WindowSampler, cfg: TrainConfig | None = None):
