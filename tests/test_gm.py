@@ -2,6 +2,7 @@
 once, compute adds up, a crashed run resumes bit-identically, experts are independent, load_gm
 serves them to the mixture, and two torchrun processes train different experts."""
 import hashlib
+import math
 import json
 import os
 import shutil
@@ -224,3 +225,134 @@ def test_the_seed_run_loads_alone_with_its_compute(small_run, main_run):
     assert lm.train_gpu_seconds == acct["gpu_seconds"] == info["accounting"]["seed_run"]["gpu_seconds"]
     with pytest.raises(FileNotFoundError, match="no seed run"):
         gm.load_seed(main_run[0])
+
+
+# ---------------------------------------------------------------- branching from a shared seed (issue 17)
+
+WSD = dict(TRAIN, log_every=1, schedule="wsd", decay_frac=0.2)
+TWIN_TOKENS = 30 * 8 * 64  # 30 steps of 8 x 64 tokens
+
+
+@pytest.fixture(scope="module")
+def dense_twin(tiny_shards, tmp_path_factory):
+    """The dense run every branched gm below must reproduce: wsd, 30 steps, branch checkpoints
+    at 0.3 and 0.7 of its budget."""
+    from gmlib.model import make_config
+    from gmlib.train import TrainConfig, run_with_branches, setup
+    out = tmp_path_factory.mktemp("dense_twin")
+    mcfg = make_config("tiny", vocab_size=TokenShards(tiny_shards / "train").vocab_size, seq_len=64)
+    tr = setup(mcfg, TrainConfig(**WSD, max_steps=10**6, max_tokens=TWIN_TOKENS, device="cpu"), tiny_shards)
+    _, paths = run_with_branches(tr, [0.3, 0.7], out, progress=False)
+    assert sorted(paths) == [9, 21]
+    return out, tr.history, {k: v.detach().clone() for k, v in tr.model.state_dict().items()}, tr.accounting()
+
+
+def one_expert_gm(tiny_shards, out, **kw):
+    base = dict(n_experts=1, router="random", model={"seq_len": 64}, tokens=TWIN_TOKENS, segment_steps=7, device="cpu")
+    return gm.train_gm(gm.GMConfig.from_dict({**base, **WSD, **kw}), tiny_shards, out)
+
+
+def at_steps(hist, steps, key="loss"):
+    where = {s: i for i, s in enumerate(hist["step"])}
+    return [hist[key][where[s]] for s in steps]
+
+
+@pytest.mark.parametrize("fraction, from_dense", [(0.3, False), (0.7, True)])
+def test_one_expert_gm_is_its_dense_twin(dense_twin, tiny_shards, tmp_path, monkeypatch, fraction, from_dense):
+    """A gm of one expert (r = 1) branched at any fraction, with the seed trained here or taken
+    from the dense run's branch checkpoint, follows the dense run's curve step for step; the
+    expert starts at its branch step in exactly the seed's state (weights, moments, step)."""
+    dense_dir, dense_hist, dense_w, dense_acct = dense_twin
+    starts = []
+    real_run = gm.Trainer.run
+
+    def spy(self, steps=None, **kw):
+        if self.acct["tokens"] == 0:  # the first segment of a run: what it starts from
+            starts.append((self.step, self.data_pos, {k: v.detach().clone()
+                                                       for k, v in gm.state_tensors(self.model, self.optimizer).items()}))
+        return real_run(self, steps, **kw)
+
+    monkeypatch.setattr(gm.Trainer, "run", spy)
+    s = one_expert_gm(tiny_shards, tmp_path / "gm", seed_fraction=fraction,
+                      seed_from=str(dense_dir) if from_dense else None)
+    b = gm.branch_step(fraction, 30)
+    assert s["branch_step"] == b and s["seed_fraction"] == pytest.approx(b / 30) and s["schedule"] == "wsd"
+    seed_tensors, seed_meta = ExpertStore(tmp_path / "gm" / "store", 1 << 30, 1 << 30).read(gm.SEED)
+    assert seed_meta["trainer"]["step"] == b and json.loads((tmp_path / "gm" / "experts" / "seed.json").read_text())
+    # the seed is the dense run's stable phase: bit for bit its branch checkpoint (also when trained here)
+    ck, _ = gm.read_checkpoint(dense_dir / f"branch_{b:07d}.safetensors")
+    if b in (9, 21):
+        assert set(ck) == set(seed_tensors) and all(torch.equal(ck[k], seed_tensors[k]) for k in ck)
+    step, pos, state = starts[-1]  # the expert's first segment
+    assert step == b and pos == b and set(state) == set(seed_tensors) and any(k.startswith("optim.") for k in state)
+    assert all(torch.equal(state[k], seed_tensors[k]) for k in state)
+    rec = s["records"][0]
+    assert rec["steps"] == 30 and rec["own_steps"] == 30 - b
+    # the loss and lr curves after the branch are the dense run's (same data order, same decay)
+    own = rec["history"]["step"]
+    assert own == list(range(b + 1, 31))
+    for key in ("loss", "lr"):
+        np.testing.assert_allclose(rec["history"][key], at_steps(dense_hist, own, key), rtol=1e-5, atol=1e-6)
+    w = weights(tmp_path / "gm", "expert_000")
+    for k, v in dense_w.items():
+        torch.testing.assert_close(w[f"model.{k}"], v, rtol=1e-5, atol=1e-6)
+    # the same compute as the twin: seed + expert tokens = the dense run's
+    assert s["accounting"]["tokens"] == dense_acct["tokens"] and s["accounting"]["flops_6nd"] == dense_acct["flops_6nd"]
+    assert s["accounting"]["seed_run"]["tokens"] == b * 8 * 64
+    model, acct = gm.load_seed(tmp_path / "gm")
+    assert acct == s["accounting"]["seed_run"]
+    assert all(torch.equal(v, seed_tensors[f"model.{k}"]) for k, v in model.state_dict().items())
+
+
+def test_a_seed_checkpoint_of_another_run_is_refused(dense_twin, tiny_shards, tmp_path):
+    dense_dir = dense_twin[0]
+    with pytest.raises(ValueError, match=r"differ from this gm's"):  # another learning rate: not its twin
+        one_expert_gm(tiny_shards, tmp_path / "a", seed_fraction=0.3, seed_from=str(dense_dir),
+                      lr=5e-3)
+    with pytest.raises(FileNotFoundError, match="branch_0000015"):   # no checkpoint at the gm's branch step
+        one_expert_gm(tiny_shards, tmp_path / "b", seed_fraction=0.5, seed_from=str(dense_dir))
+
+
+def test_budget_never_gives_a_gm_more_compute_than_its_dense_twin():
+    """plan_budget over many gm: seed + experts <= the dense twin's steps (so 6ND compute, with
+    experts of the dense model's size), and the experts' share follows their routed tokens."""
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        K = int(rng.integers(1, 9))
+        r = int(rng.integers(1, K + 1))
+        routed = rng.dirichlet(np.ones(K)) * r * 1e6
+        frac = float(rng.choice([0.0, 0.1, 0.5, 0.75, 0.9]))
+        cfg = gm.GMConfig(n_experts=K, train_top_r=r, seed_fraction=frac, tokens=int(rng.integers(1000, 10**8)))
+        tok_step = int(rng.choice([512, 4096, 16384]))
+        p = gm.plan_budget(cfg, tok_step, routed)
+        dense_steps = math.ceil(cfg.tokens / tok_step)  # gmlib.train: max_tokens -> steps
+        assert p["total_steps"] == dense_steps
+        if p["branch_step"] or min(p["own_steps"]) > 0:
+            assert p["branch_step"] + sum(p["own_steps"]) <= dense_steps, (cfg, p)
+        assert sum(p["own_steps"]) >= (dense_steps - p["branch_step"]) - K   # nothing but rounding left over
+        assert p["max_steps"] == [p["branch_step"] + o for o in p["own_steps"]]
+    with pytest.raises(ValueError, match="leave nothing"):
+        gm.plan_budget(gm.GMConfig(seed_steps=10, tokens=10 * 512), 512, [1.0, 1.0])
+    with pytest.raises(ValueError, match="not both"):
+        gm.GMConfig(seed_steps=5, seed_fraction=0.5)
+    with pytest.raises(ValueError, match="train_top_r"):
+        gm.GMConfig(n_experts=2, train_top_r=3)
+    with pytest.raises(ValueError, match="refinement"):
+        gm.GMConfig(n_experts=2, train_top_r=2, refine_rounds=1)
+
+
+def test_top_r_equal_k_gives_every_expert_all_data(tiny_shards, tmp_path):
+    """train_top_r = K: every expert's shard holds every training document; the budget is split
+    evenly; the experts branch from one seed but differ (each its own data order)."""
+    cfg = dict(n_experts=3, router="local", router_cfg=ROUTER_CFG, model={"seq_len": 64}, tokens=30 * 8 * 64,
+               segment_steps=10, device="cpu", seed_fraction=0.5, train_top_r=3, **WSD)
+    out = tmp_path / "gm"
+    s = gm.train_gm(gm.GMConfig.from_dict(cfg), tiny_shards, out)
+    src = TokenShards(tiny_shards / "train")
+    for n in s["experts"]:
+        part = TokenShards(out / "routed" / "round_000" / "train" / n)
+        assert part.n_docs == src.n_docs and doc_hashes(part) == doc_hashes(src)
+    assert s["shares"] == pytest.approx([1 / 3] * 3) and s["train_top_r"] == 3
+    assert [r["own_steps"] for r in s["records"]] == [5, 5, 5] and s["accounting"]["tokens"] == 30 * 8 * 64
+    a, b = weights(out, "expert_000"), weights(out, "expert_001")
+    assert not all(torch.equal(a[k], b[k]) for k in a)

@@ -8,8 +8,8 @@ import torch
 
 from gmlib import routing_report as rr
 from gmlib.data import ShardWriter, TokenShards
-from gmlib.router import (FlyHash, Features, LocalRouter, RouterConfig, balanced_assign, load_router,
-                          make_router, route_shards)
+from gmlib.router import (FlyHash, Features, LocalRouter, RouterConfig, balanced_assign, balanced_assign_top,
+                          load_router, make_router, route_shards)
 
 # small and fast: every router in this file fits in well under a second
 SMALL = dict(n_features=2 ** 10, n_units=2 ** 12, unit_inputs=4, wta_k=64, epochs=3, batch_docs=64)
@@ -110,6 +110,22 @@ def test_balanced_assign_caps_and_prefers_high_scores():
     lab = balanced_assign(S, 0.1, W)
     load = np.bincount(lab, W, minlength=7)
     assert load.max() <= W.sum() / 7 * 1.1 + W.max()
+
+
+def test_top_r_assignment_is_distinct_balanced_and_starts_with_the_top_1():
+    rng = np.random.default_rng(2)
+    S, W = rng.random((600, 6)), rng.integers(1, 50, 600)
+    top = balanced_assign_top(S, 2, 0.1, W)
+    assert top.shape == (600, 2) and np.array_equal(top[:, 0], balanced_assign(S, 0.1, W))
+    kept = top[:, 1] >= 0
+    assert kept.mean() > 0.95 and (top[kept, 0] != top[kept, 1]).all()   # two distinct experts (rarely one)
+    load = np.bincount(top[top >= 0], np.repeat(W[:, None], 2, 1)[top >= 0], minlength=6)
+    assert load.max() <= 2 * (W.sum() / 6 * 1.1 + W.max())           # each round within its cap
+    # without capacity pressure: the two best experts of every row
+    free = balanced_assign_top(S, 2, float("inf"))
+    assert np.array_equal(np.sort(free, 1), np.sort(np.argsort(-S, 1)[:, :2], 1))
+    # r = K: every row to every expert
+    assert np.array_equal(balanced_assign_top(S, 6), np.tile(np.arange(6), (600, 1)))
 
 
 # ---------------------------------------------------------------- the local rule

@@ -14,7 +14,8 @@ from gmlib.checkpoint import load_state_tensors, state_tensors
 from gmlib.data import ShardWriter, TokenShards, WindowSampler
 from gmlib.model import GPT, make_config
 from gmlib.paths import REPO_ROOT
-from gmlib.train import Trainer, TrainConfig, lr_at, setup
+from gmlib.checkpoint import read_checkpoint
+from gmlib.train import Trainer, TrainConfig, branch_path, branch_step, lr_at, run_with_branches, setup
 
 MODEL = make_config("tiny", vocab_size=256, seq_len=32)
 TCFG = dict(max_steps=20, batch_size=4, lr=3e-3, warmup_steps=5, eval_every=10, eval_batches=2, log_every=1)
@@ -121,6 +122,45 @@ def test_schedule_hand_values():
     assert lr_at(cfg, 50, 0.5) == pytest.approx(0.55)          # cosine midpoint: (lr+min_lr)/2
     assert lr_at(cfg, 100, 1.0) == pytest.approx(0.1)
     assert lr_at(cfg, 100, 1.7) == pytest.approx(0.1)          # past the budget: stays at min_lr
+
+
+def test_wsd_schedule_hand_values():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, schedule="wsd", decay_frac=0.2)
+    assert lr_at(cfg, 0, 0.0) == pytest.approx(0.1)            # the same warmup: (0+1)/10 of lr
+    assert lr_at(cfg, 9, 0.0) == pytest.approx(1.0)
+    assert lr_at(cfg, 50, 0.5) == pytest.approx(1.0)           # stable: flat at lr
+    assert lr_at(cfg, 80, 0.8) == pytest.approx(1.0)           # the decay starts at 1 - decay_frac
+    # 1 - sqrt: a quarter into the decay, lr falls by half of (lr - min_lr): 0.1 + 0.9 * (1 - 0.5)
+    assert lr_at(cfg, 85, 0.85) == pytest.approx(0.55)
+    assert lr_at(cfg, 90, 0.9) == pytest.approx(0.1 + 0.9 * (1 - 0.5 ** 0.5))   # 0.3636
+    assert lr_at(cfg, 100, 1.0) == pytest.approx(0.1) and lr_at(cfg, 100, 1.7) == pytest.approx(0.1)
+    flat = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=0, schedule="wsd", decay_frac=0.0)
+    assert lr_at(flat, 99, 0.99) == 1.0                        # no decay at all
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="linear")
+    with pytest.raises(ValueError, match="decay_frac"):
+        TrainConfig(schedule="wsd", decay_frac=1.5)
+    assert TrainConfig().schedule == "cosine"                  # old params keep their schedule
+
+
+def test_branch_checkpoints_hold_the_run_at_their_step(syn_shards, tmp_path):
+    """run_with_branches saves the full state at each branch step; resuming from one of them
+    finishes exactly as the uninterrupted run did."""
+    cfg = TrainConfig(**{**TCFG, "schedule": "wsd", "decay_frac": 0.3})
+    tr = setup(MODEL, cfg, syn_shards)
+    _, paths = run_with_branches(tr, [0.5, 0.25], tmp_path, progress=False)
+    assert sorted(paths) == [branch_step(0.25, 20), branch_step(0.5, 20)] == [5, 10]
+    tensors, meta = read_checkpoint(paths[10])
+    assert meta["step"] == 10 and meta["data_pos"] == 10 and meta["max_steps"] == 20
+    assert tensors["optim.wte.weight.step"].item() == 10       # AdamW's own step count too
+    again = setup(MODEL, cfg, syn_shards, ckpt_path=branch_path(tmp_path, 10))
+    assert again.step == 10
+    again.run(progress=False)
+    assert_same_run(tr.history, weights(tr.model), again.history, weights(again.model))
+    with pytest.raises(ValueError, match="schedule='wsd'"):
+        run_with_branches(setup(MODEL, TrainConfig(**TCFG), syn_shards), [0.5], tmp_path)
+    with pytest.raises(ValueError, match="lies in the decay"):
+        run_with_branches(setup(MODEL, cfg, syn_shards), [0.9], tmp_path)
 
 
 def test_accounting_and_budgets(syn_shards):
