@@ -359,6 +359,9 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
     plan = plan_budget(cfg, tok_step, routed0["tokens"])
     shares, branch, max_steps = plan["shares"], plan["branch_step"], plan["max_steps"]
     seed_acct, seed_meta = None, None
+    if branch and not cfg.seed_from and cfg.train.schedule == "wsd" and branch > stable_until(cfg.train, plan["total_steps"]):
+        raise ValueError(f"GMConfig: the branch step {branch} lies in the twin's decay (from step "
+                         f"{stable_until(cfg.train, plan['total_steps'])}); need seed_fraction <= 1 - decay_frac")
     if branch:
         if rank == 0 and not rk.record_path(SEED).is_file():
             if cfg.seed_from:

@@ -21,7 +21,9 @@ two parts of one evaluation that write the same files run one after the other, a
 even if the first failed. A notebook job may take parameters from what an earlier job measured
 (`params_from`): {tokens: dense30m.tokens} passes `-p tokens <results/<run_name>/metrics.json's
 dense30m.tokens>`, so a gm trains exactly the tokens its dense baseline reached in its seconds; list
-that job in `needs`. Without GPUs the jobs run one at a time on the CPU.
+that job in `needs`. A notebook job may also set parameters of its own over its params file (`set`):
+{seed_fraction: 0.75, train_top_r: 2} passes `-p seed_fraction 0.75 -p train_top_r 2`, so the variants of
+one gm share one params file. Without GPUs the jobs run one at a time on the CPU.
 
 The record, results/<run_name>/schedule.json, is rewritten at every start and end: each job's
 command, GPU, start, end, seconds and status; every job's output goes to results/<run_name>/logs/.
@@ -44,7 +46,7 @@ sys.path.insert(0, str(REPO))
 from gmlib import atomic  # noqa: E402
 from gmlib.paths import results_dir  # noqa: E402
 
-KEYS = {"name", "notebook", "params", "tag", "command", "needs", "after", "params_from"}
+KEYS = {"name", "notebook", "params", "tag", "command", "needs", "after", "params_from", "set"}
 
 
 def load_plan(path: Path) -> dict:
@@ -72,6 +74,8 @@ def load_plan(path: Path) -> dict:
         if not isinstance(src, dict) or ("command" in job and src) or \
                 not all(isinstance(v, str) and v.count(".") == 1 for v in src.values()):
             raise ValueError(f"{where}: params_from maps a notebook's parameter to 'model.field' of metrics.json")
+        if not isinstance(job.get("set", {}), dict) or ("command" in job and job.get("set")):
+            raise ValueError(f"{where}: set maps a notebook's parameter to its value")
         for key in ("needs", "after"):
             if missing := [n for n in job.get(key, []) if n not in seen]:
                 raise ValueError(f"{where}: {key} {missing}, which no earlier job is")
@@ -101,6 +105,8 @@ def command(job: dict, run_name: str, values: dict | None = None) -> list[str]:
         return [sys.executable if argv[0] in ("python", "python3") else argv[0], *argv[1:]]
     argv = [sys.executable, str(REPO / "scripts" / "run_notebooks.py"), "--run-name", run_name,
             "--only", str(job["notebook"]), "-f", str(REPO / job["params"])]
+    for name, value in job.get("set", {}).items():
+        argv += ["-p", name, json.dumps(value)]
     for name, src in job.get("params_from", {}).items():
         argv += ["-p", name, json.dumps(values[name]) if values is not None else f"<{src}>"]
     return argv + (["--tag", job["tag"]] if job.get("tag") else [])

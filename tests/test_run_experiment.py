@@ -116,6 +116,21 @@ def test_committed_plan_is_valid():
     assert cmd[0] == sys.executable and "--tag" in cmd
 
 
+def test_frontier_plan_sets_each_variant_over_one_params_file(tmp_path):
+    plan = run_experiment.load_plan(REPO / "params" / "frontier" / "plan.yaml")
+    gms = [j for j in plan["jobs"] if j["notebook"] == "04"]
+    assert {(j["set"]["seed_fraction"], j["set"]["train_top_r"]) for j in gms} == {(f, r) for f in (0.5, 0.75) for r in (1, 2, 8)}
+    argv = run_experiment.command(gms[1], plan["run_name"])
+    i = argv.index("seed_fraction")
+    assert argv[i - 1:i + 2] == ["-p", "seed_fraction", "0.5"] and "<dense30m_wsd.tokens>" in argv
+    dense = yaml.safe_load((REPO / "params" / "frontier" / "03_dense30m_wsd.yaml").read_text())
+    assert {j["set"]["seed_fraction"] for j in gms} <= set(dense["branch_fractions"])  # every seed is saved
+    bad = tmp_path / "plan.yaml"
+    bad.write_text(yaml.safe_dump({"run_name": "t", "jobs": [{"name": "a", "command": "true", "set": {"x": 1}}]}))
+    with pytest.raises(ValueError, match="set maps"):
+        run_experiment.load_plan(bad)
+
+
 def test_params_from_passes_what_an_earlier_job_measured(env):
     """A gm trains the tokens its dense baseline reached: the value comes from metrics.json at the
     job's start; while it is missing the job fails with the reason, and what needs it is skipped."""
