@@ -67,8 +67,9 @@ class GMConfig:
     router_cfg: dict = field(default_factory=dict)  # RouterConfig overrides, e.g. {"fit_docs": 20000}
     model_size: str = "tiny"        # gmlib.model preset of every expert; vocabulary from the shards
     model: dict = field(default_factory=dict)       # GPTConfig overrides (seq_len, activation, ...)
-    budget: str = "share"           # "share": expert e trains tokens * share_e; "fixed": tokens each
-    tokens: int = 1_000_000
+    budget: str = "share"           # "share": the experts split what the seed leaves of `tokens` by their routed
+    #                                 shares; "fixed": each expert's run (seed + own) is `tokens` long
+    tokens: int = 1_000_000         # the whole gm's budget, seed included: its dense twin's max_tokens
     segment_steps: int = 1000       # steps an expert trains before the next one is swapped in
     seed_fraction: float = 0.0      # share of the budget spent in the seed run every expert branches from; 0: none
     seed_steps: int = 0             # the branch point in steps instead (older params); at most one of the two
@@ -81,8 +82,9 @@ class GMConfig:
     ram_bytes: int | None = None    # store's RAM tier (None: this rank's experts + 2, at most half the RAM)
     device: str = "auto"
     seed: int = 0
-    train: TrainConfig = field(default_factory=TrainConfig)  # lr, batch, ...: max_steps, max_tokens,
-    #                                 device and seed are set per expert (max_seconds is per expert)
+    train: TrainConfig = field(default_factory=TrainConfig)  # lr, batch, schedule, weight decay (the seed's
+    #                                 and every expert's), ...: max_steps, max_tokens, device, seed and (wsd)
+    #                                 decay_frac are set per expert (max_seconds is per expert)
 
     def __post_init__(self):
         if isinstance(self.train, dict):
