@@ -341,13 +341,22 @@ def test_budget_never_gives_a_gm_more_compute_than_its_dense_twin():
         gm.GMConfig(n_experts=2, train_top_r=2, refine_rounds=1)
 
 
-def test_top_r_equal_k_gives_every_expert_all_data(tiny_shards, tmp_path):
+def test_top_r_equal_k_gives_every_expert_all_data(tiny_shards, tmp_path, monkeypatch):
     """train_top_r = K: every expert's shard holds every training document; the budget is split
-    evenly; the experts branch from one seed but differ (each its own data order)."""
+    evenly; the experts branch from one seed but differ (each its own data order); the weight
+    decay of the config reaches the seed run and every expert."""
     cfg = dict(n_experts=3, router="local", router_cfg=ROUTER_CFG, model={"seq_len": 64}, tokens=30 * 8 * 64,
-               segment_steps=10, device="cpu", seed_fraction=0.5, train_top_r=3, **WSD)
-    out = tmp_path / "gm"
+               segment_steps=10, device="cpu", seed_fraction=0.5, train_top_r=3, **{**WSD, "weight_decay": 0.7})
+    out, decays = tmp_path / "gm", []
+    real_run = gm.Trainer.run
+
+    def spy(self, steps=None, **kw):
+        decays.append([g["weight_decay"] for g in self.optimizer.param_groups])
+        return real_run(self, steps, **kw)
+
+    monkeypatch.setattr(gm.Trainer, "run", spy)
     s = gm.train_gm(gm.GMConfig.from_dict(cfg), tiny_shards, out)
+    assert len(decays) == 2 + 3 and all(d == [0.7, 0.0] for d in decays)  # seed: 2 segments; matrices decay, gains not
     src = TokenShards(tiny_shards / "train")
     for n in s["experts"]:
         part = TokenShards(out / "routed" / "round_000" / "train" / n)
