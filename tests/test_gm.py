@@ -345,7 +345,7 @@ def test_top_r_equal_k_gives_every_expert_all_data(tiny_shards, tmp_path, monkey
     """train_top_r = K: every expert's shard holds every training document; the budget is split
     evenly; the experts branch from one seed but differ (each its own data order); the weight
     decay of the config reaches the seed run and every expert."""
-    cfg = dict(n_experts=3, router="local", router_cfg=ROUTER_CFG, model={"seq_len": 64}, tokens=30 * 8 * 64,
+    cfg = dict(n_experts=3, router="random", model={"seq_len": 64}, tokens=30 * 8 * 64,
                segment_steps=10, device="cpu", seed_fraction=0.5, train_top_r=3, **{**WSD, "weight_decay": 0.7})
     out, decays = tmp_path / "gm", []
     real_run = gm.Trainer.run
