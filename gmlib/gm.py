@@ -446,7 +446,8 @@ def summarize(cfg, mcfg, out: Path, world_size, plan: dict, seed_meta: dict | No
                         "val_loss": m.get("val_loss"), "accounting": m["accounting"], "history": m["trainer"]["history"]})
     accts = [r["accounting"] for r in records] + ([seed_acct] if seed_acct else [])
     acct = {k: sum(a[k] for a in accts) for k in ADDITIVE}
-    acct.update(step=acct["tokens"] // (cfg.train.batch_size * cfg.train.grad_accum * mcfg.seq_len),params=cfg.n_experts * mcfg.n_params, params_per_expert=mcfg.n_params, params_active=mcfg.n_params,
+    acct.update(step=acct["tokens"] // (cfg.train.batch_size * cfg.train.grad_accum * mcfg.seq_len),  # seed's included
+                params=cfg.n_experts * mcfg.n_params, params_per_expert=mcfg.n_params, params_active=mcfg.n_params,
                 flops_per_token=mcfg.flops_per_token(), tokens_per_s=acct["tokens"] / acct["gpu_seconds"] if acct["gpu_seconds"] else 0.0,
                 device=accts[0]["device"], seed_run=seed_acct)
     ranks = [json.loads((out / "ranks" / f"rank_{r:03d}.json").read_text()) for r in range(world_size)]
