@@ -46,9 +46,10 @@ from .checkpoint import load_state_tensors, state_tensors
 from .data import TokenShards, WindowSampler
 from .mixture import window_logprobs
 from .model import GPT, GPTConfig, make_config
-from .router import load_router, make_router, route_shards
-from .store import ExpertStore
+from . import routing_cache
 from .checkpoint import read_checkpoint
+from .router import load_router, make_router
+from .store import ExpertStore
 from .train import (VAL_SEED, Trainer, TrainConfig, branch_path, branch_step, make_optimizer, resolve_device,
                     stable_until)
 
@@ -170,13 +171,14 @@ def _round_done(out: Path, r: int) -> bool:
     return (out / "routed" / f"round_{r:03d}" / "done.json").is_file()
 
 
-def _route(router, data_root: Path, out: Path, r: int, assign=None):
-    """Save the router of round r and route train (and val) with it; done.json is written last."""
+def _route(router, data_root: Path, out: Path, r: int, assign=None, cache=None):
+    """Save the router of round r and route train (and val) with it (through the routing cache,
+    when given); done.json is written last."""
     rd = out / "routed" / f"round_{r:03d}"
     router.save(out / "router" / f"round_{r:03d}")
-    paths = route_shards(router, TokenShards(data_root / "train"), rd / "train", assign=assign)
+    paths = routing_cache.route(router, TokenShards(data_root / "train"), rd / "train", cache, assign=assign)
     if (data_root / "val").is_dir():
-        route_shards(router, TokenShards(data_root / "val"), rd / "val")
+        routing_cache.route(router, TokenShards(data_root / "val"), rd / "val", cache)
     docs = json.loads((rd / "train" / "route.json").read_text())["docs"]
     atomic.write_json(rd / "done.json", {"docs": docs, "tokens": [TokenShards(p).n_tokens for p in paths]})
 
@@ -320,11 +322,12 @@ def _import_seed(rk: _Rank, path: Path, branch: int, total: int, tok_step: int) 
 
 
 def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int = 1, verbose: bool = False,
-             router=None, assign=None) -> dict:
+             router=None, assign=None, routing=None) -> dict:
     """Train (or continue) the gm in out_dir on data_root/{train,val}; returns gm.json's content
     on rank 0 and this rank's record elsewhere. With world_size > 1 run under torch.distributed.
     router (and its assign of the training documents) may come already fitted, with cfg's router
-    settings, by a caller that has looked at the routing first; otherwise it is fitted here."""
+    settings, by a caller that has looked at the routing first; otherwise it is fitted here.
+    routing: a gmlib.routing_cache folder shared by the gm of one data set (None: no cache)."""
     data_root, out = Path(data_root), Path(out_dir)
     if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("train_gm: world_size > 1 needs torch.distributed; launch scripts/train_gm.py with torchrun")
@@ -352,7 +355,7 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
                 raise ValueError(f"train_gm: the given router's settings {router.cfg} are not this gm's {fresh.cfg}")
             if cfg.train_top_r > 1:  # column 0 is the top-1 assignment a caller may have passed
                 assign = router.assign_top(train_all, cfg.train_top_r)
-            _route(router, data_root, out, 0, assign=assign)
+            _route(router, data_root, out, 0, assign=assign, cache=routing)
     _barrier()
     t0 = time.perf_counter()
     rk = _Rank(cfg, mcfg, out, dev, len(own), rank, verbose)
@@ -408,7 +411,7 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
             moved = router.refine(docs, losses)
             full = router.assign(train_all)
             full[sample_idx] = moved
-            _route(router, data_root, out, p + 1, assign=full)
+            _route(router, data_root, out, p + 1, assign=full, cache=routing)
         _barrier()
     rk.store.flush()
     wall = time.perf_counter() - t0
