@@ -51,6 +51,7 @@ class GPTConfig:
 # 124m 110M, 350m 335M.
 PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, seq_len=128),
+    "10m": dict(n_layer=4, n_head=4, n_embd=256, seq_len=512),   # the frontier's small dense size
     "30m": dict(n_layer=6, n_head=8, n_embd=512, seq_len=512),
     "124m": dict(n_layer=12, n_head=12, n_embd=768, seq_len=1024),
     "350m": dict(n_layer=24, n_head=16, n_embd=1024, seq_len=1024),

@@ -5,7 +5,8 @@
 # copy, and each `watch` packs the results so far, so a lost machine loses nothing that finished.
 #
 #   bash scripts/background_plan.sh stage ARCHIVE            # unpack a tar.xz of work/data's shards/ and tokenizer.*
-#   bash scripts/background_plan.sh start PLAN [WHEELS] [RAW] # offline wheels (optional), raw data dir with parus/ and
+#   bash scripts/background_plan.sh start PLAN [WHEELS] [RAW] # PLAN (or PLAN1,PLAN2,... run in order), offline wheels
+#                                                             # (optional), raw data dir with parus/ and
 #                                                             # reviews/ (optional), an import check, then the plan
 #                                                             # under setsid
 #   bash scripts/background_plan.sh watch SECONDS OUT.tgz     # wait for the plan to end (at most SECONDS), pack results
@@ -24,7 +25,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 plan_state() {  # "done" when the plan's schedule has no pending or running job, else a one-line summary
   python3 - "$GM_RESULTS_DIR" <<'EOF'
 import json, sys, pathlib
-files = list(pathlib.Path(sys.argv[1]).glob("*/schedule.json"))
+files = list(pathlib.Path(sys.argv[1]).glob("**/schedule.json"))  # run names may nest: frontier/b1
 jobs = {n: j["status"] for f in files for n, j in json.loads(f.read_text())["jobs"].items()}
 live = [n for n, s in jobs.items() if s in ("pending", "running")]
 print("done" if files and not live else " ".join(f"{n}:{s}" for n, s in jobs.items()) or "no schedule yet")
@@ -37,7 +38,7 @@ case ${1:-} in
     tar xJf "${2:?archive}" -C "$GM_WORK_DIR/data"
     ls "$GM_WORK_DIR/data" ;;
   start)
-    plan=$(realpath "${2:?plan}")
+    plans=$(for p in ${2//,/ }; do realpath "$p"; done)   # PLAN may list several, comma-separated: run in order
     if [ -n "${3:-}" ]; then
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$3"/*.whl
     fi
@@ -49,9 +50,10 @@ case ${1:-} in
 [importlib.import_module(m.name) for m in pkgutil.iter_modules(gmlib.__path__, 'gmlib.')]" \
       || { echo "start: a module the plan's notebooks import is missing here: add its wheel to ${3:-WHEELS}" >&2; exit 4; }
     mkdir -p "$GM_RESULTS_DIR"
-    setsid nohup python3 scripts/run_experiment.py "$plan" > "$ROOT/plan.log" 2>&1 < /dev/null &
+    # shellcheck disable=SC2086  (one path per plan, no spaces)
+    setsid nohup python3 scripts/run_experiment.py $plans > "$ROOT/plan.log" 2>&1 < /dev/null &
     echo $! > "$ROOT/plan.pid"
-    echo "started: $plan (log $ROOT/plan.log)" ;;
+    echo "started:" $plans "(log $ROOT/plan.log)" ;;
   watch)
     # A machine given back between calls comes back bare: say so at once instead of waiting out
     # SECONDS of device time (2026-11-28: 560 s were spent watching nothing).
@@ -61,8 +63,9 @@ case ${1:-} in
       exit 3
     fi
     end=$((SECONDS + ${2:?seconds}))
-    # stop early when the plan is done, or when its process has ended (crashed) with jobs left
-    while [ $SECONDS -lt "$end" ] && [ "$(plan_state)" != done ] && kill -0 "$(cat "$ROOT/plan.pid")" 2>/dev/null; do
+    # stop early when the plans' process has ended (all done, or crashed with jobs left); not on a schedule
+    # that says done, since the next plan of a list may not have written its own yet
+    while [ $SECONDS -lt "$end" ] && kill -0 "$(cat "$ROOT/plan.pid")" 2>/dev/null; do
       sleep 10
     done
     plan_state

@@ -3,6 +3,7 @@
   python scripts/run_experiment.py params/experiment/plan.yaml            # every GPU it sees
   python scripts/run_experiment.py params/experiment/plan.yaml --gpus 0 1 # these GPUs
   python scripts/run_experiment.py params/experiment/plan.yaml --dry-run  # print the commands
+  python scripts/run_experiment.py params/frontier/plan_b1.yaml params/frontier/plan_b3.yaml  # one plan after another
 
 A plan (YAML) names the run and lists jobs in priority order:
 
@@ -191,22 +192,25 @@ def run_plan(plan: dict, slots: list[str], force: bool = False, poll_s: float = 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("plan", type=Path)
+    ap.add_argument("plan", type=Path, nargs="+", help="plan files, run one after the other")
     ap.add_argument("--gpus", nargs="*", help="GPU indices to use (default: all visible; none: the CPU)")
     ap.add_argument("--force", action="store_true", help="run again the jobs that already succeeded")
     ap.add_argument("--dry-run", action="store_true", help="print each job's command and exit")
     args = ap.parse_args(argv)
     try:
-        plan = load_plan(args.plan)
+        plans = [load_plan(p) for p in args.plan]
     except ValueError as e:
         sys.exit(str(e))
     if args.dry_run:
-        for job in plan["jobs"]:
-            after = f"  after {job['after']}" if job.get("after") else ""
-            print(f"{job['name']}: {shlex.join(command(job, plan['run_name']))}  needs {job.get('needs', [])}{after}")
+        for plan in plans:
+            for job in plan["jobs"]:
+                after = f"  after {job['after']}" if job.get("after") else ""
+                print(f"{job['name']}: {shlex.join(command(job, plan['run_name']))}  needs {job.get('needs', [])}{after}")
         return
-    rec = run_plan(plan, gpu_slots(args.gpus), force=args.force)
-    bad = [n for n, j in rec["jobs"].items() if j["status"] != "ok"]
+    bad = []
+    for plan in plans:  # a plan whose jobs failed does not stop the next one
+        rec = run_plan(plan, gpu_slots(args.gpus), force=args.force)
+        bad += [f"{plan['run_name']}:{n}" for n, j in rec["jobs"].items() if j["status"] != "ok"]
     sys.exit(f"jobs not done: {bad}" if bad else 0)
 
 

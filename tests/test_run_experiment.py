@@ -116,15 +116,27 @@ def test_committed_plan_is_valid():
     assert cmd[0] == sys.executable and "--tag" in cmd
 
 
-def test_frontier_plan_sets_each_variant_over_one_params_file(tmp_path):
-    plan = run_experiment.load_plan(REPO / "params" / "frontier" / "plan.yaml")
-    gms = [j for j in plan["jobs"] if j["notebook"] == "04"]
-    assert {(j["set"]["seed_fraction"], j["set"]["train_top_r"]) for j in gms} == {(f, r) for f in (0.5, 0.75) for r in (1, 2, 8)}
+@pytest.mark.parametrize("budget", ["b1", "b2", "b3"])
+def test_frontier_plans_give_every_model_the_same_compute(tmp_path, budget):
+    from gmlib.model import make_config
+    plan = run_experiment.load_plan(REPO / "params" / "frontier" / f"plan_{budget}.yaml")
+    jobs = {j["name"]: j for j in plan["jobs"]}
+    dense_file = yaml.safe_load((REPO / "params" / "frontier" / "03_dense.yaml").read_text())
+    twin = {**dense_file, **jobs["dense30m"]["set"]}
+    gms = [j for j in plan["jobs"] if j.get("notebook") == "04"]
+    assert len(gms) >= 4 and {j["set"]["seed_fraction"] for j in gms} <= set(twin["branch_fractions"])  # seeds saved
+    for j in gms:  # each gm's whole budget is what its twin trained, warmup and all
+        assert j["params_from"] == {"tokens": "dense30m.tokens"} and j["set"]["warmup_steps"] == twin["warmup_steps"]
     argv = run_experiment.command(gms[1], plan["run_name"])
     i = argv.index("seed_fraction")
-    assert argv[i - 1:i + 2] == ["-p", "seed_fraction", "0.5"] and "<dense30m_wsd.tokens>" in argv
-    dense = yaml.safe_load((REPO / "params" / "frontier" / "03_dense30m_wsd.yaml").read_text())
-    assert {j["set"]["seed_fraction"] for j in gms} <= set(dense["branch_fractions"])  # every seed is saved
+    assert argv[i - 1:i + 2] == ["-p", "seed_fraction", "0.75"] and "<dense30m.tokens>" in argv
+    # every dense model of the budget: the twin's 6ND compute to within 1%
+    flops = lambda d: 6 * make_config(d["model_size"], vocab_size=32000).n_params * d["max_tokens"]  # noqa: E731
+    dense = [{**dense_file, **j["set"]} for j in plan["jobs"] if j.get("notebook") == "03"]
+    assert len(dense) >= 2 and all(abs(flops(d) / flops(twin) - 1) < 0.01 for d in dense)
+    ev = jobs["evaluate"]
+    assert set(ev["needs"]) == set(jobs) - {"evaluate"} and ev["set"]["budget"] == budget
+    assert ev["set"]["budget_flops_6nd"] == flops(twin)
     bad = tmp_path / "plan.yaml"
     bad.write_text(yaml.safe_dump({"run_name": "t", "jobs": [{"name": "a", "command": "true", "set": {"x": 1}}]}))
     with pytest.raises(ValueError, match="set maps"):
@@ -222,3 +234,19 @@ def test_background_watch_stops_when_the_plan_process_died(tmp_path):
     assert p.returncode == 0 and time.time() - t0 < 30 and (tmp_path / "out.tgz").is_file()
     assert "no schedule yet" in p.stdout and "plan.log" in subprocess.run(
         ["tar", "tzf", str(tmp_path / "out.tgz")], capture_output=True, text=True).stdout
+
+
+def test_background_runs_several_plans_in_order(tmp_path):
+    # the frontier's budgets are plans of their own (run names frontier/b1, frontier/b3, ...), started together
+    script = REPO / "scripts" / "background_plan.sh"
+    env = _plan_env(tmp_path)
+    for b in ("b1", "b3"):
+        (tmp_path / f"{b}.yaml").write_text(f"run_name: f/{b}\njobs:\n  - {{name: a, command: \"true\"}}\n")
+    subprocess.run(["bash", str(script), "start", f"{tmp_path / 'b1.yaml'},{tmp_path / 'b3.yaml'}"], env=env,
+                   check=True, capture_output=True)
+    p = subprocess.run(["bash", str(script), "watch", "60", str(tmp_path / "out.tgz")], env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.startswith("done")
+    for b in ("b1", "b3"):
+        rec = json.loads((tmp_path / "root" / "results" / "f" / b / "schedule.json").read_text())
+        assert rec["jobs"]["a"]["status"] == "ok"
