@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from data_prep import clean, dedup, sources, tokenizer  # noqa: E402
+from data_prep import clean, dedup, residual, sources, tokenizer  # noqa: E402
 from data_prep.prepare import _limited  # noqa: E402
 from gmlib import atomic  # noqa: E402
 
@@ -50,10 +50,12 @@ def main(argv=None):
 
     steps = {}
     texts, steps["normalize"], _ = timed(lambda rt: clean.normalize(rt[1]), raw)
-    texts, steps["strip_markup"], _ = timed(lambda t: clean.strip_markup(t, cfg), texts)
-    texts, steps["clean_lines"], _ = timed(lambda t: clean.clean_lines(t, cfg)[0], texts)
+    texts, steps["protect_code"], _ = timed(lambda t: clean.protect_code(t), texts)  # markers for code blocks
+    texts, steps["strip_markup"], _ = timed(lambda tc: (clean.strip_markup(tc[0], cfg), tc[1]), texts)
+    texts, steps["clean_lines"], _ = timed(lambda tc: clean.restore_code(clean.clean_lines(tc[0], cfg)[0], tc[1]), texts)
     rules, steps["doc_filter"], _ = timed(lambda rt: clean.doc_filter(rt[1], rt[0], cfg), [(r, t) for (r, _), t in zip(raw, texts)])
     kept = [t for t, r in zip(texts, rules) if r is None]
+    _, steps["residual_scan"], _ = timed(residual.scan, kept)
     hasher = dedup.MinHasher()
     _, steps["minhash"], _ = timed(lambda t: (dedup.exact_key(t), hasher.signature(t)), kept)
     clean_cpu = sum(steps.values())
