@@ -4,15 +4,15 @@ The detectors are deliberately wider than the cleaning rules in clean.py (a keyw
 in a line rather than at its start, any tag-like or entity-like string, any bare domain with
 a path), so a zero here says more than "the cleaner removed what the cleaner looks for".
 Kinds (a document counts once per kind):
-  footer         a short line (< 150 characters) with a call to subscribe or a channel footer
+  footer         a short line (at most 10 words) with a call to subscribe or a channel footer
   credit         a ©/(c) credit, or a line starting with Теги:/Tags:/Метки:/Фото:/Источник:
   html           an HTML tag, declaration or entity
   url            a URL, www. address or bare domain with a path (t.me/..., bit.ly/...)
   email_phone    an e-mail address or a phone number (the placeholders clean.py puts in do not count)
   mojibake       UTF-8 read as cp1251/Latin-1 (Р°, Ð°), cp1251 read as Latin-1 (àáâ runs),
                  KOI8-R read as cp1251 (a lower-case letter before capitals), or U+FFFD
-  repeated_line  a line of at least 25 characters that occurs more than 3 times (shorter lines,
-                 such as a play's speaker names or "— Да.", repeat by nature)
+  repeated_line  a line of at least 5 words that occurs more than 3 times (shorter lines, such as
+                 a play's speaker names, chapter headings or "— Да.", repeat by nature)
 """
 import re
 from collections import Counter
@@ -42,7 +42,7 @@ def scan(text: str) -> set[str]:
     if "`" in text:
         text = _CODE.sub(" ", text)
     found = set()
-    if _FOOTER.search(text) and any(len(l) < 150 and _FOOTER.search(l) for l in text.split("\n")):
+    if _FOOTER.search(text) and any(_FOOTER.search(l) and len(l.split()) <= 10 for l in text.split("\n")):
         found.add("footer")
     if _CREDIT.search(text):
         found.add("credit")
@@ -54,7 +54,7 @@ def scan(text: str) -> set[str]:
         found.add("email_phone")
     if _MOJIBAKE.search(text):
         found.add("mojibake")
-    lines = [l for l in text.split("\n") if len(l) >= 25]
+    lines = [l for l in text.split("\n") if l.count(" ") >= 4]
     if len(lines) > 3 and Counter(lines).most_common(1)[0][1] > 3:
         found.add("repeated_line")
     return found
@@ -63,7 +63,7 @@ def scan(text: str) -> set[str]:
 def first_line(text: str, kind: str) -> str:
     """The first offending line of a kind, for the audit's examples."""
     if kind == "repeated_line":
-        lines = [l for l in text.split("\n") if len(l) >= 25]
+        lines = [l for l in text.split("\n") if l.count(" ") >= 4]
         return Counter(lines).most_common(1)[0][0][:200] if lines else ""
     for line in text.split("\n"):
         if kind in scan(line):
