@@ -212,7 +212,7 @@ _WIKI_REF = re.compile(r"\[(?:\d{1,3}|[a-zа-я]|примечание \d+|ист
 _PLACEHOLDER = re.compile(r"\[(?:USER|USERNAME|URL|LINK|ССЫЛКА|ИМЯ|\*{3}|ссылка[^\]\n]{0,80}|id\d+\|)\]", re.I)
 _ASCIIDOC_INDEX = re.compile(r"\(\(\(.*?\)\)\)")
 _EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63})*\.[a-zа-я]{2,12}(?![\w-])", re.I)
-_PHONE = re.compile(r"(?<![\w+])(?:\+7|8|\+\d{1,3})[ \t(-]{0,2}\d{3,4}[ \t)-]{0,2}\d{2,3}[ \t-]?\d{2}[ \t-]?\d{2}(?!\d)"
+_PHONE = re.compile(r"(?=[+8(])(?<![\w+])(?:\+7|8|\+\d{1,3})[ \t(-]{0,2}\d{3,4}[ \t)-]{0,2}\d{2,3}[ \t-]?\d{2}[ \t-]?\d{2}(?!\d)"
                     r"|(?<![\w+])\(\d{3,5}\)[ \t]?\d{1,3}[ \t-]?\d{2}[ \t-]?\d{2}(?!\d)")
 _PASSPORT = re.compile(r"(?i)(паспорт\w*|серия)([^\n\d]{0,20})\d{2}[ \t]?\d{2}[ \t№]{0,3}(?:номер[ \t]*)?\d{6}(?!\d)")
 
@@ -421,6 +421,8 @@ def _ngram_repetition(words: list[str], cfg: CleanConfig) -> bool:
     for n, limit in zip(range(5, 11), cfg.max_dup_ngram):
         if len(words) < 2 * n:
             break
+        if n > 5 and frac5 <= min(cfg.max_dup_ngram):
+            break  # words covered by duplicated n-grams (n > 5) are a subset of those of 5-grams
         grams = list(zip(*(words[i:] for i in range(n))))
         counts = Counter(grams)
         if len(counts) == len(grams):
@@ -429,8 +431,11 @@ def _ngram_repetition(words: list[str], cfg: CleanConfig) -> bool:
         for i, g in enumerate(grams):
             if counts[g] > 1:
                 covered[i:i + n] = b"\x01" * n
-        if sum(len(w) for w, c in zip(words, covered) if c) / total > limit:
+        frac = sum(len(w) for w, c in zip(words, covered) if c) / total
+        if frac > limit:
             return True
+        if n == 5:
+            frac5 = frac
     return False
 
 

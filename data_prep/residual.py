@@ -11,8 +11,9 @@ Kinds (a document counts once per kind):
   email_phone    an e-mail address or a phone number (the placeholders clean.py puts in do not count)
   mojibake       UTF-8 read as cp1251/Latin-1 (Р°, Ð°), cp1251 read as Latin-1 (àáâ runs),
                  KOI8-R read as cp1251 (a lower-case letter before capitals), or U+FFFD
-  repeated_line  a line of at least 5 words that occurs more than 3 times (shorter lines, such as
-                 a play's speaker names, chapter headings or "— Да.", repeat by nature)
+  repeated_line  a line of at least 5 words that occurs more than 3 times, its copies making at least
+                 1% of the document's lines (shorter lines, such as a play's speaker names, chapter
+                 headings or "— Да.", repeat by nature; so does a song's refrain inside a novel)
 """
 import re
 from collections import Counter
@@ -30,8 +31,8 @@ _EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
 _PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}|8)[\s(-]{0,2}\d{3}[\s)-]{0,2}\d{2,3}[\s-]?\d{2}[\s-]?\d{2}(?!\d)"
                     r"|(?<!\d)\(\d{3,5}\)\s?\d{1,3}-\d{2}-\d{2}(?!\d)")
 # UTF-8 Cyrillic read as cp1251 gives Р or С followed by one of the cp1251 letters of bytes 0x80-0xBF
-# (Р° Рµ Рё Сѓ С‚ СЃ ...); read as Latin-1, Ð or Ñ followed by a C1 or Latin-1 sign
-_MOJIBAKE = re.compile(r"Р[°±µ¶·ёЃЋЌ]|С[Ђ‚ѓ„†‡€‰Љ‹ЊЌЋЏђ]|Ð[\u0080-\u009f°±²³´µ¶·¸¹º»¼½¾¿]|Ñ[\u0080-\u009f]|"
+# (Р° Рµ Сѓ С‚ ...; not Рё, which starts "Рёв"); read as Latin-1, Ð or Ñ followed by a C1 or Latin-1 sign
+_MOJIBAKE = re.compile(r"Р[°±µ¶·ЃЋЌ]|С[Ђ‚ѓ„†‡€‰Љ‹ЊЌЋЏђ]|Ð[\u0080-\u009f°±²³´µ¶·¸¹º»¼½¾¿]|Ñ[\u0080-\u009f]|"
                        r"[\u00c0-\u00ff]{4}|(?<![^\W\d_])[а-яё][А-ЯЁ]{3}|\ufffd")
 _CODE = re.compile(r"(?ms)^```\n.*?\n```$|`[^`\n]{1,200}`")
 
@@ -55,8 +56,10 @@ def scan(text: str) -> set[str]:
     if _MOJIBAKE.search(text):
         found.add("mojibake")
     lines = [l for l in text.split("\n") if l.count(" ") >= 4]
-    if len(lines) > 3 and Counter(lines).most_common(1)[0][1] > 3:
-        found.add("repeated_line")
+    if len(lines) > 3:
+        top = Counter(lines).most_common(1)[0][1]
+        if top > 3 and top >= 0.01 * text.count("\n"):
+            found.add("repeated_line")
     return found
 
 
