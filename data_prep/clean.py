@@ -99,6 +99,11 @@ class CleanConfig:
     strip_urls: bool = True
     strip_mentions: bool = True
     mask_pii: bool = True
+    drop_repeated_lines: bool = True    # lines of 5+ words beyond their 3rd copy (not for books/wiki roles)
+
+    def for_role(self, role: str) -> "CleanConfig":
+        """The config a source of `role` starts from: books and wiki keep their repeated lines."""
+        return self if role in self.quality_roles else self.with_overrides({"drop_repeated_lines": False})
 
     def with_overrides(self, overrides: dict, where: str = "source_rules") -> "CleanConfig":
         """A copy with fields replaced; unknown field names or rule names are an error naming `where`."""
@@ -120,18 +125,32 @@ class CleanConfig:
 # Cyrillic letter followed by capitals (KOI8-R read as cp1251 swaps the case of every letter)
 _MOJI_SUSPECT = re.compile(r"[\u00c0-\u00ff]{3}|(?<![^\W\d_])[а-яё][А-ЯЁ]{2}")
 _MOJI_REPAIRS = (("latin-1", "cp1251"), ("cp1252", "cp1251"), ("cp1251", "koi8-r"))
-_RU_WORD = re.compile(r"(?<![^\W\d_])[а-яё]{2,}(?![^\W\d_])")
+_RU_WORD = re.compile(r"(?<![^\W\d_])[а-яёА-ЯЁ]{2,}(?![^\W\d_])")
+_LATIN1_RUN = re.compile(r"[\u00c0-\u00ff]+")  # cp1251 Cyrillic bytes 0xC0-0xFF read as Latin-1
 
 
-def _russianness(s: str) -> int:
-    words = _RU_WORD.findall(s)
-    return len(words) + 2 * sum(1 for w in words if w in STOP_WORDS)
+def _russianness(s: str) -> float:
+    """Lower-case and Capitalised Russian words (1), ALL-CAPS ones (0.5), stop words (+2): mojibake
+    of either kind yields no Russian words or words of mixed case ("ьФП")."""
+    score = 0.0
+    for w in _RU_WORD.findall(s):
+        if w.islower():
+            score += 3 if w in STOP_WORDS else 1
+        elif w[1:].islower():
+            score += 1
+        elif w.isupper():
+            score += 0.5
+    return score
+
+
+def _latin1_runs(line: str) -> str:
+    return _LATIN1_RUN.sub(lambda m: m.group(0).encode("latin-1").decode("cp1251"), line)
 
 
 def repair_mojibake(text: str) -> str:
     """Repair, line by line, cp1251 text read as Latin-1 (or cp1252) and KOI8-R text read as cp1251.
     A line is re-decoded only when the round trip is exact and the result is clearly more
-    Russian (more lower-case Russian words and stop words); otherwise it is left as it is."""
+    Russian (_russianness at least doubles); otherwise it is left as it is."""
     if not _MOJI_SUSPECT.search(text):
         return text
     lines = text.split("\n")
@@ -139,13 +158,13 @@ def repair_mojibake(text: str) -> str:
         if not _MOJI_SUSPECT.search(line):
             continue
         best, score = line, _russianness(line)
-        for enc, dec in _MOJI_REPAIRS:
-            try:
-                cand = line.encode(enc).decode(dec)
+        for enc, dec in (*_MOJI_REPAIRS, (None, None)):
+            try:  # (None, None): only the runs of Latin-1 letters (a line that also has Greek or math signs)
+                cand = line.encode(enc).decode(dec) if enc else _latin1_runs(line)
             except (UnicodeEncodeError, UnicodeDecodeError):
                 continue
             s = _russianness(cand)
-            if s >= 2 * score + 2 and s > score:
+            if s >= 2 * score + 1:
                 best, score = cand, s
         lines[i] = best
     return "\n".join(lines)
@@ -200,7 +219,7 @@ _COMMENT = re.compile(r"<!--.*?-->", re.S)
 _DECL = re.compile(r"<[!?][^<>]{0,500}>")  # <!DOCTYPE ...>, <?xml ...?>
 _BLOCK_TAG = re.compile(r"</?(?:br|p|div|li|ul|ol|tr|table|h[1-6]|blockquote|pre)\b[^<>]{0,300}>", re.I)
 _TAG = re.compile(r"</?[a-zA-Z][a-zA-Z0-9:-]*(?:\s[^<>]{0,500})?/?>")
-_URL = re.compile(r"(?:https?://|ftp://|www\.)[^\s<>«»\"']+"
+_URL = re.compile(r"(?:https?://|ftp://|www\.)[^\s<>«»\"']*"
                   r"|(?<![\w@.])(?:[\w-]+\.)+(?:com|ru|org|net|me|ly|io|su|info|tv|рф)/[^\s<>«»\"']*", re.I)
 _MENTION = re.compile(r"(?<![\w.])@\w{2,}:?")
 _RT = re.compile(r"(?m)^RT\s*:?\s*")
@@ -302,6 +321,21 @@ def _drop_line(line: str) -> bool:
     return bool(_SCRIPT_LINE.search(line))
 
 
+def drop_repeated_lines(lines: list[str], max_copies: int = 3) -> tuple[list[str], int]:
+    """Keep a line of 5+ words only in its first `max_copies` occurrences: running page headers
+    of pdf2text ("ISSN ... ИЗВЕСТИЯ ВУЗОВ"), footers repeated in one post. Shorter lines (speaker
+    names, "— Нет.") are left alone; sources in the books and wiki roles skip this (refrains)."""
+    seen, out, dropped = Counter(), [], 0
+    for line in lines:
+        if line.count(" ") >= 4:
+            seen[line] += 1
+            if seen[line] > max_copies:
+                dropped += 1
+                continue
+        out.append(line)
+    return out, dropped
+
+
 def clean_lines(text: str, cfg: CleanConfig) -> tuple[str, int]:
     """Line-level cleanup: whitespace, markup-only and boilerplate lines, hard wraps.
     Returns the text and the number of boilerplate/markup lines removed. Code-block marker
@@ -322,6 +356,9 @@ def clean_lines(text: str, cfg: CleanConfig) -> tuple[str, int]:
         out.append(_ASCIIDOC_HEAD.sub("", line) if line[0] in "=." else line)
     if cfg.unwrap_lines:
         out = _unwrap(out)
+    if cfg.drop_repeated_lines:
+        out, n = drop_repeated_lines(out)
+        removed += n
     text = _MANY_NL.sub("\n\n", "\n".join(out)).strip()
     return text, removed
 
@@ -491,6 +528,8 @@ def doc_filter(text: str, role: str = "web", cfg: CleanConfig | None = None) -> 
     lines = [l for l in text.split("\n") if l.strip()]
     if "repetition" not in skip:
         prose = _CODE_OUT.sub(" ", text) if "`" in text else text  # commands and code repeat by nature
+        if "\n" in prose:
+            prose = prose.split("\n", 1)[1]  # a headline echoed by the lead is not repetition
         if repetitive(prose, _WORD.findall(prose), [l for l in prose.split("\n") if l.strip()], cfg):
             return "repetition"
     if role not in cfg.quality_roles:

@@ -68,7 +68,8 @@ class DataConfig:
 
     def clean_for(self, name: str) -> CleanConfig:
         """The cleaning config of one source: `clean` with its `source_rules` applied."""
-        return self.clean.with_overrides(self.source_rules.get(name, {}), f"source_rules.{name}")
+        role = sources.SOURCES[name].role
+        return self.clean.for_role(role).with_overrides(self.source_rules.get(name, {}), f"source_rules.{name}")
 
 
 # --- 1. filter ------------------------------------------------------------------------------
