@@ -76,3 +76,28 @@ def test_no_residual_junk_in_kept_text(run):
     A = audit.build(res, "reg")
     for s, v in A["sources"].items():
         assert all(x == 0 for x in v["residual"].values()), (s, v["residual"], v["residual_examples"])
+
+
+def test_new_source_and_switches_from_params_alone(tmp_path):
+    """A source unknown to the registry, described only by params (role, relpath), runs through
+    stage 01 with its own rule switches; bad switches are errors that name the source."""
+    p = tmp_path / "corpus" / "social_my_forum.jsonl.gz"
+    p.parent.mkdir(parents=True)
+    texts = ["- Ты где?\n- Дома\n- А я нет", "Сегодня снова шёл снег, и мы весь вечер сидели дома."]
+    with gzip.open(p, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
+    spec = {"social_my_forum": {"role": "social", "relpath": "corpus/social_my_forum.jsonl.gz", "license": "test"}}
+    base = dict(data_name="new", sources=["social_my_forum"], max_bytes_per_source=None, val_frac=0.0, test_frac=0.0,
+                workers=1, data_root=str(tmp_path), extra_sources=spec)
+    strict = prepare.prepare(prepare.DataConfig(**base), tmp_path / "a", log=lambda *a: None)
+    assert strict["filtered"]["social_my_forum"]["role"] == "social"
+    assert strict["filtered"]["social_my_forum"]["docs_kept"] == 1  # the dialogue fails newline_ratio
+    rules = {"social_my_forum": {"skip_rules": ["newline_ratio", "line_punct"], "min_words": 3}}
+    loose = prepare.prepare(prepare.DataConfig(**base, source_rules=rules), tmp_path / "b", log=lambda *a: None)
+    assert loose["filtered"]["social_my_forum"]["docs_kept"] == 2
+    with pytest.raises(ValueError, match="source_rules.social_my_forum.*min_wrods"):
+        prepare.DataConfig(**base, source_rules={"social_my_forum": {"min_wrods": 3}}).validate()
+    with pytest.raises(ValueError, match="unknown rule"):
+        prepare.DataConfig(**base, source_rules={"social_my_forum": {"skip_rules": ["no_such_rule"]}}).validate()
+    with pytest.raises(ValueError, match="extra_sources.bad"):
+        prepare.DataConfig(**{**base, "extra_sources": {"bad": {"role": "tv"}}}).validate()
