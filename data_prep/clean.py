@@ -518,16 +518,17 @@ def doc_filter(text: str, role: str = "web", cfg: CleanConfig | None = None) -> 
     words = _WORD.findall(text)
     if len(words) < cfg.min_words and "too_short" not in skip:
         return "too_short"
+    # code is neither Russian nor prose: commands and code repeat by nature and are in English
+    prose = _CODE_OUT.sub(" ", text) if "`" in text else text
     if "not_russian" not in skip:
-        n_letters = len(_LETTER.findall(text))
-        n_cyr = len(_CYR.findall(text))
+        n_letters = len(_LETTER.findall(prose))
+        n_cyr = len(_CYR.findall(prose))
         if n_letters == 0 or n_cyr < cfg.min_cyrillic * n_letters:
             return "not_russian"
-        if is_doubtful(text, n_cyr, cfg) and not is_russian(text, cfg):
+        if is_doubtful(prose, n_cyr, cfg) and not is_russian(prose, cfg):
             return "not_russian"
     lines = [l for l in text.split("\n") if l.strip()]
     if "repetition" not in skip:
-        prose = _CODE_OUT.sub(" ", text) if "`" in text else text  # commands and code repeat by nature
         if "\n" in prose:
             prose = prose.split("\n", 1)[1]  # a headline echoed by the lead is not repetition
         if repetitive(prose, _WORD.findall(prose), [l for l in prose.split("\n") if l.strip()], cfg):
