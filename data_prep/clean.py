@@ -221,6 +221,7 @@ _BLOCK_TAG = re.compile(r"</?(?:br|p|div|li|ul|ol|tr|table|h[1-6]|blockquote|pre
 _TAG = re.compile(r"</?[a-zA-Z][a-zA-Z0-9:-]*(?:\s[^<>]{0,500})?/?>")
 _URL = re.compile(r"(?:https?://|ftp://|www\.)[^\s<>«»\"']*"
                   r"|(?<![\w@.])(?:[\w-]+\.)+(?:com|ru|org|net|me|ly|io|su|info|tv|рф)/[^\s<>«»\"']*", re.I)
+_ENTITY_LEFT = re.compile(r"&(?:[a-zA-Z]{2,8}|#\d{1,6}|#x[0-9a-fA-F]{1,5});")
 _MENTION = re.compile(r"(?<![\w.])@\w{2,}:?")
 _RT = re.compile(r"(?m)^RT\s*:?\s*")
 _TWEET_EMBED = re.compile(r"(?m)^[ \t]*— [^\n]{0,80}\(@\w+\)[ \t]*(?:\n[ \t]*\d{1,2} \w+ \d{4}(?: г\.)?[ \t]*$)?")
@@ -255,6 +256,8 @@ def strip_markup(text: str, cfg: CleanConfig) -> str:
         if "&" not in text:
             break
         text = html.unescape(text)
+    if "&" in text:  # what is left is misspelt (&egarve;) or unknown: it cannot be decoded
+        text = _ENTITY_LEFT.sub("", text)
     if "](" in text:
         text = _MD_LINK.sub(r"\1", text)
     if cfg.strip_urls:
