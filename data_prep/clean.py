@@ -305,8 +305,10 @@ _SUBSCRIBE = re.compile(r"(?<!\w)(?:подписывайтесь|подписы�
 # a line that is only a link label or a menu entry once the link is gone ("👉 Читать", "🔗 Зеркало")
 _LABEL_LINE = re.compile(_LEAD + r"(?:читать|зеркало|смотреть|слушать|перейти|скачать|github|источник|ссылка|"
                          r"оригинал|подробности|playground|youtube|vk|вконтакте|telegram|телеграм|дзен|главная|войти|регистрация|поиск|"
-                         r"меню|наверх|назад|вперёд|вперед|отправить|закрыть|принять|ок|ok)[^\w]{0,6}$", re.I)
+                         r"меню|наверх|назад|вперёд|вперед|отправить|закрыть|принять|ок|ok|facebook|instagram|twitter|live)[^\w]{0,6}$", re.I)
 _HASHTAGS = re.compile(r"^(?:#\w+[\s,.]*)+$")
+# Instagram embed residue: "Публикация от <name> ()" and its "Июн 17 2017 в 1:05 PDT" line
+_EMBED_RESIDUE = re.compile(r"^(?:Публикация от|A post shared by) .{0,100}$|^\w{3} \d{1,2},? \d{4} (?:в|at) \d{1,2}:\d{2} P[DS]T$")
 # inline player and embed scripts (jwplayer, playbuzz, Twitter/Facebook widgets) left in scraped news
 _SCRIPT_LINE = re.compile(r"jwplayer|playbuzz|\bfunction\s*\(|\bwindow\.|\bdocument\.|getElementById|"
                           r"encodeURIComponent|\.setup\(|^\s*(?:return|var|if\s*\()[^а-яё]*$|^[^а-яё]*(?:[{}]|\);|=\s*[\"'(\[{])[^а-яё]*$", re.I)
@@ -320,6 +322,8 @@ def _drop_line(line: str) -> bool:
     if len(line) < 100 and _SUBSCRIBE.search(line):
         return True
     if line[0] == "#" and _HASHTAGS.match(line):
+        return True
+    if len(line) < 120 and _EMBED_RESIDUE.match(line):
         return True
     return bool(_SCRIPT_LINE.search(line))
 
