@@ -5,7 +5,9 @@ in a line rather than at its start, any tag-like or entity-like string, any bare
 a path), so a zero here says more than "the cleaner removed what the cleaner looks for".
 Kinds (a document counts once per kind):
   footer         a short line (at most 10 words) with a call to subscribe or a channel footer
-  credit         a ©/(c) credit, or a line starting with Теги:/Tags:/Метки:/Фото:/Источник:
+  credit         a line starting with ©/(c)/Copyright/Теги:/Tags:/Метки:/Фото:/Источник:, or a ©/(c) photo
+                 credit of an agency or press service anywhere (a quote attribution in a review,
+                 "…» © Джокер", is the reviewer's text, not a credit line)
   html           an HTML tag, declaration or entity
   url            a URL, www. address or bare domain with a path (t.me/..., bit.ly/...)
   email_phone    an e-mail address or a phone number (the placeholders clean.py puts in do not count)
@@ -23,7 +25,9 @@ KINDS = ("footer", "credit", "html", "url", "email_phone", "mojibake", "repeated
 _FOOTER = re.compile(r"(?<!\w)(?:подпис(?:ывайтесь|ывайся|аться|ка на)|подпиши(?:тесь|сь)|ставьте лайк|ставь лайк|"
                      r"присл(?:ать|ите) новость|предложить новость|наш (?:канал|телеграм)|читайте нас|читать нас|"
                      r"читайте также|смотрите также|subscribe)(?!\w)", re.I)
-_CREDIT = re.compile(r"©|(?<!\w)\([cс]\)\s*(?:\d{4}|[A-ZА-ЯЁ])|(?m:^[^\w]{0,12}(?:теги|tags?|метки|фото|источник)\s*:)", re.I)
+_CREDIT = re.compile(r"(?m)^[^\w]{0,12}(?:©|\([cс]\)|copyright(?!\w)|все права защищены|(?:теги|tags?|метки|фото|источник)\s*:)"
+                     r"|(?:©|\([cс]\))[^\n]{0,40}(?:reuters|ap|afp|тасс|риа|rt|getty|global ?look|wikimedia|shutterstock|"
+                     r"pixabay|sputnik|пресс-служба|кадр)(?!\w)", re.I)
 _HTML = re.compile(r"</?[a-zA-Z][a-zA-Z0-9]{0,15}(?:\s[^<>\n]{0,200})?/?>|<![^<>\n]{0,200}>|&(?:#\d{2,6}|#x[0-9a-f]{2,5}|[a-z]{2,8});",
                    re.I)
 _URL = re.compile(r"https?://|ftp://|(?<!\w)www\.|(?<![\w@])(?:[\w-]+\.)+(?:com|ru|org|net|me|ly|io|su|info|tv|рф)/", re.I)
