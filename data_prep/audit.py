@@ -55,7 +55,7 @@ def build(prep: dict, data_name: str, params: dict | None = None) -> dict:
                    "read_issues": {k: f["read"][k] for k in READ_ISSUES}, "read_errors": f["read"]["errors"],
                    "residual": {k: round(n / docs_out, 5) if docs_out else 0.0
                                 for k, n in sp["counts"]["residual"][s].items()},
-                   "residual_examples": f.get("residual_examples", {})}
+                   "residual_examples": sp.get("residual_examples", {}).get(s, {})}
         for r in ALL_RULES:
             rules[r]["docs"] += rem_docs[r]
             rules[r]["bytes"] += rem_bytes[r]

@@ -5,7 +5,8 @@
               clean/filtered/<source>.{jsonl,npz} and, last, <source>.json (stats + marker).
   2. dedup    across all sources at once: exact, then near duplicates -> clean/dedup.json.
   3. split    every kept document goes to train/val/test by the hash of its text (split.py);
-              training documents are repeated or thinned by the source weight. Writes
+              training documents are repeated or thinned by the source weight; the residual-junk
+              scan (residual.py) runs over the kept documents here. Writes
               clean/{train,val,test}/<source>.jsonl and, last, clean/meta.json.
 Each stage is skipped on a rerun when its marker holds the same parameter hash, so a killed
 run loses at most the source it was working on.
@@ -82,7 +83,7 @@ def _init_worker(dedup_cfg):
 
 
 def _filter_batch(task):
-    """In a worker: clean, rules, residual scan and hashes for a batch of raw texts of one source."""
+    """In a worker: clean, rules and hashes for a batch of raw texts of one source."""
     role, cfg, batch = task
     t0 = time.process_time()
     hasher = _worker["hasher"]
@@ -91,10 +92,9 @@ def _filter_batch(task):
         text, n_lines = clean.clean_text(raw, cfg)
         rule = clean.doc_filter(text, role, cfg)
         if rule is None:
-            res = residual.mask(residual.scan(text))
-            out.append((None, text, n_lines, dedup.exact_key(text), hasher.signature(text), res))
+            out.append((None, text, n_lines, dedup.exact_key(text), hasher.signature(text)))
         else:
-            out.append((rule, text[:EXAMPLE_CHARS], n_lines, 0, None, 0))
+            out.append((rule, text[:EXAMPLE_CHARS], n_lines, 0, None))
     return out, time.process_time() - t0
 
 
@@ -141,15 +141,14 @@ def filter_source(name: str, cfg: DataConfig, out_dir: Path, pool=None) -> dict:
     rs = sources.ReadStats()
     st = {"source": name, "role": src.role, "missing": 0, "docs_in": 0, "bytes_in": 0, "docs_kept": 0,
           "bytes_kept_raw": 0, "bytes_kept": 0, "lines_removed": 0, "cpu_seconds": 0.0,
-          "removed": {r: 0 for r in clean.RULES}, "removed_bytes": {r: 0 for r in clean.RULES}, "examples": {},
-          "residual_examples": {}}
+          "removed": {r: 0 for r in clean.RULES}, "removed_bytes": {r: 0 for r in clean.RULES}, "examples": {}}
     try:
         path = sources.locate(name, root=cfg.data_root, base_url=cfg.base_url)
     except sources.SourceError as e:
         if cfg.on_missing == "error":
             raise
         st["missing"], st["missing_reason"], path = 1, str(e), None
-    keys, sigs, res = [], [], []
+    keys, sigs = [], []
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic.atomic_path(out_dir / f"{name}.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as fout:
         if path is not None:
@@ -157,7 +156,7 @@ def filter_source(name: str, cfg: DataConfig, out_dir: Path, pool=None) -> dict:
             tasks = ((src.role, ccfg, b) for b in _batches(docs, cfg.batch_bytes))
             for (_, _, batch), (results, cpu) in stages.ordered_map(pool, _filter_batch, tasks):
                 st["cpu_seconds"] += cpu
-                for (doc_id, raw), (rule, text, n_lines, key, sig, rmask) in zip(batch, results):
+                for (doc_id, raw), (rule, text, n_lines, key, sig) in zip(batch, results):
                     nraw = len(raw.encode("utf-8"))
                     st["docs_in"] += 1
                     st["bytes_in"] += nraw
@@ -175,13 +174,8 @@ def filter_source(name: str, cfg: DataConfig, out_dir: Path, pool=None) -> dict:
                     st["bytes_kept"] += len(text.encode("utf-8"))
                     keys.append(key)
                     sigs.append(sig)
-                    res.append(rmask)
-                    for kind in residual.unmask(rmask):
-                        ex = st["residual_examples"].setdefault(kind, [])
-                        if len(ex) < EXAMPLES_PER_RULE:
-                            ex.append({"id": doc_id, "line": residual.first_line(text, kind)})
     with atomic.atomic_path(out_dir / f"{name}.npz") as tmp, open(tmp, "wb") as f:
-        np.savez(f, keys=np.array(keys, np.uint64), residual=np.array(res, np.uint8),
+        np.savez(f, keys=np.array(keys, np.uint64),
                  sigs=np.stack(sigs) if sigs else np.zeros((0, cfg.dedup.num_perm), np.uint32))
     st["read"] = rs.as_dict()
     st["seconds"] = round(time.time() - t0, 2)
@@ -227,7 +221,7 @@ def _read_jsonl(path):
 
 def split_all(cfg: DataConfig, filtered: dict, dd: dict, clean_dir: Path) -> dict:
     """Stage 3: write clean/{train,val,test}/<source>.jsonl; training docs weighted."""
-    phash = stages.params_hash("split", dd["params_hash"], cfg.val_frac, cfg.test_frac,
+    phash = stages.params_hash("split", residual.VERSION, dd["params_hash"], cfg.val_frac, cfg.test_frac,
                                {s: cfg.weights.get(s, 1.0) for s in cfg.sources})
     marker = clean_dir / "meta.json"
     if (meta := stages.done(marker, phash)) is not None:
@@ -235,7 +229,7 @@ def split_all(cfg: DataConfig, filtered: dict, dd: dict, clean_dir: Path) -> dic
     marker.unlink(missing_ok=True)
     t0 = time.time()
     counts = {sp: {} for sp in split.SPLITS}
-    counts["residual"] = {}
+    counts["residual"], residual_examples = {}, {}
     dup_examples = {r: [] for r in DEDUP_RULES}
     for s in cfg.sources:
         drop = {i: r for r in DEDUP_RULES for i in dd["removed"][s][r]}
@@ -243,8 +237,7 @@ def split_all(cfg: DataConfig, filtered: dict, dd: dict, clean_dir: Path) -> dic
         c = {sp: {"docs": 0, "bytes": 0} for sp in split.SPLITS}
         c["dedup_bytes"] = {r: 0 for r in DEDUP_RULES}
         c["residual"] = {k: 0 for k in residual.KINDS}
-        with np.load(clean_dir / "filtered" / f"{s}.npz") as z:
-            rmasks = z["residual"]
+        rex = residual_examples[s] = {}
         with atomic.atomic_path(clean_dir / "train" / f"{s}.jsonl") as ttr, \
                 atomic.atomic_path(clean_dir / "val" / f"{s}.jsonl") as tva, \
                 atomic.atomic_path(clean_dir / "test" / f"{s}.jsonl") as tte:
@@ -258,8 +251,10 @@ def split_all(cfg: DataConfig, filtered: dict, dd: dict, clean_dir: Path) -> dic
                         if len(dup_examples[drop[i]]) < EXAMPLES_PER_RULE:
                             dup_examples[drop[i]].append(rec["text"][:EXAMPLE_CHARS])
                         continue
-                    for kind in residual.unmask(int(rmasks[i])):  # kept documents, before mixing
+                    for kind in residual.scan(rec["text"]):  # kept documents, before mixing
                         c["residual"][kind] += 1
+                        if len(rex.setdefault(kind, [])) < EXAMPLES_PER_RULE:
+                            rex[kind].append({"id": rec["id"], "line": residual.first_line(rec["text"], kind)})
                     sp = split.split_of(rec["text"], cfg.val_frac, cfg.test_frac)
                     n = split.copies(rec["text"], w) if sp == "train" else 1
                     line = json.dumps(rec, ensure_ascii=False) + "\n"
@@ -276,6 +271,7 @@ def split_all(cfg: DataConfig, filtered: dict, dd: dict, clean_dir: Path) -> dic
         counts["residual"][s] = c["residual"]
     meta = {"sources": list(cfg.sources), "weights": {s: cfg.weights.get(s, 1.0) for s in cfg.sources},
             "val_frac": cfg.val_frac, "test_frac": cfg.test_frac, "counts": counts, "dedup_examples": dup_examples,
+            "residual_examples": residual_examples,
             "seconds": round(time.time() - t0, 2)}
     return stages.finish(marker, phash, meta)
 

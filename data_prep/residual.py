@@ -20,6 +20,7 @@ Kinds (a document counts once per kind):
 import re
 from collections import Counter
 
+VERSION = 1  # bump when a detector changes: the split stage (which runs the scan) is redone
 KINDS = ("footer", "credit", "html", "url", "email_phone", "mojibake", "repeated_line")
 
 _FOOTER = re.compile(r"(?<!\w)(?:подпис(?:ывайтесь|ывайся|аться|ка на)|подпиши(?:тесь|сь)|ставьте лайк|ставь лайк|"
@@ -76,11 +77,3 @@ def first_line(text: str, kind: str) -> str:
         if kind in scan(line):
             return line[:200]
     return ""
-
-
-def mask(kinds: set[str]) -> int:
-    return sum(1 << KINDS.index(k) for k in kinds)
-
-
-def unmask(m: int) -> list[str]:
-    return [k for i, k in enumerate(KINDS) if m >> i & 1]
