@@ -7,10 +7,12 @@ and declarations, embed scripts and tweet-embed residue, Telegram/Markdown/Ascii
 (unbalanced `**`/`__` too), wiki reference markers, URLs, @mentions and placeholders ([USER]),
 masks personal data (e-mail, phone, passport-like numbers) with a placeholder token, drops
 boilerplate lines (calls to subscribe, channel footers, credits and tags, link labels,
-hashtag lines; a leading emoji or bracket does not hide them), lines without a letter, and
-re-joins hard-wrapped lines (pdf2text, plain-text novels). Code blocks (AsciiDoc `----`/`....`
-blocks, Markdown ``` fences, `inline code`) are kept byte for byte: no re-joining, no markup
-stripping (`doc/**/*.txt` and `__init__` stay).
+hashtag lines, Instagram/Twitter embed residue; a leading emoji or bracket does not hide them),
+lines without a letter, copies of a 5+-word line beyond its third (pdf page headers; not in the
+books and wiki roles, where refrains repeat), and re-joins hard-wrapped lines (pdf2text, novels).
+Code (AsciiDoc `----`/`....` blocks and Markdown ``` fences, which come back fenced with ```,
+and `inline code`) is kept as it is: no re-joining, no markup stripping (`doc/**/*.txt` and
+`__init__` stay); only personal data is masked in it.
 
 `doc_filter` then applies the document rules in a fixed order and names the first that fails:
   empty          nothing left after cleaning
