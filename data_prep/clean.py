@@ -152,7 +152,7 @@ def _latin1_runs(line: str) -> str:
 def repair_mojibake(text: str) -> str:
     """Repair, line by line, cp1251 text read as Latin-1 (or cp1252) and KOI8-R text read as cp1251.
     A line is re-decoded only when the round trip is exact and the result is clearly more
-    Russian (_russianness at least doubles); otherwise it is left as it is."""
+    Russian (_russianness more than doubles); otherwise it is left as it is."""
     if not _MOJI_SUSPECT.search(text):
         return text
     lines = text.split("\n")
@@ -166,7 +166,7 @@ def repair_mojibake(text: str) -> str:
             except (UnicodeEncodeError, UnicodeDecodeError):
                 continue
             s = _russianness(cand)
-            if s >= 2 * score + 1:
+            if s > 2 * score + 0.25:  # a lone ALL-CAPS word (0.5) from a line with no Russian at all counts
                 best, score = cand, s
         lines[i] = best
     return "\n".join(lines)
