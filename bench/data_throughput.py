@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from data_prep import clean, dedup, sources, tokenizer  # noqa: E402
+from data_prep import clean, dedup, residual, sources, tokenizer  # noqa: E402
 from data_prep.prepare import _limited  # noqa: E402
 from gmlib import atomic  # noqa: E402
 
@@ -46,14 +46,19 @@ def main(argv=None):
         recs = sources.read_source(s)
         raw += [(role, t) for _, t in _limited(recs, s, int(args.mb_per_source * 1e6))]
     raw_bytes = sum(len(t.encode("utf-8")) for _, t in raw)
-    cfg = clean.CleanConfig()
+    cfgs = {r: clean.CleanConfig().for_role(r) for r in sources.ROLES}
 
     steps = {}
     texts, steps["normalize"], _ = timed(lambda rt: clean.normalize(rt[1]), raw)
-    texts, steps["strip_markup"], _ = timed(lambda t: clean.strip_markup(t, cfg), texts)
-    texts, steps["clean_lines"], _ = timed(lambda t: clean.clean_lines(t, cfg)[0], texts)
-    rules, steps["doc_filter"], _ = timed(lambda rt: clean.doc_filter(rt[1], rt[0], cfg), [(r, t) for (r, _), t in zip(raw, texts)])
+    texts, steps["protect_code"], _ = timed(lambda t: clean.protect_code(t), texts)  # markers for code blocks
+    texts = [(r, t, c) for (r, _), (t, c) in zip(raw, texts)]
+    texts, steps["strip_markup"], _ = timed(lambda rtc: (rtc[0], clean.strip_markup(rtc[1], cfgs[rtc[0]]), rtc[2]), texts)
+    texts, steps["clean_lines"], _ = timed(
+        lambda rtc: (rtc[0], clean.restore_code(clean.clean_lines(rtc[1], cfgs[rtc[0]])[0], rtc[2])), texts)
+    rules, steps["doc_filter"], _ = timed(lambda rt: clean.doc_filter(rt[1], rt[0], cfgs[rt[0]]), texts)
+    texts = [t for _, t in texts]
     kept = [t for t, r in zip(texts, rules) if r is None]
+    _, steps["residual_scan"], _ = timed(residual.scan, kept)
     hasher = dedup.MinHasher()
     _, steps["minhash"], _ = timed(lambda t: (dedup.exact_key(t), hasher.signature(t)), kept)
     clean_cpu = sum(steps.values())

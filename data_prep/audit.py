@@ -14,6 +14,9 @@ audit.json:
   throughput_mb_s_per_core: cleaning (raw MB per CPU-second in the workers: normalise, strip,
                   rules, MinHash) and tokenization (MB of cleaned text per CPU-second of encoding)
   examples.<rule>: a few removed documents (their cleaned text, cut to 300 characters)
+  sources.<name>.residual: the residual-junk scan (residual.py) of the kept documents: per kind
+                  (footer, credit, html, url, email_phone, mojibake, repeated_line) the share of
+                  docs_out that still has it; residual_examples: the first offending lines
 """
 import json
 from pathlib import Path
@@ -23,6 +26,7 @@ import pandas as pd
 from gmlib import atomic
 from .clean import RULES
 from .prepare import DEDUP_RULES
+from .residual import KINDS as RESIDUAL_KINDS
 from .split import SPLITS
 
 ALL_RULES = (*RULES, *DEDUP_RULES)
@@ -48,7 +52,10 @@ def build(prep: dict, data_name: str, params: dict | None = None) -> dict:
                    "bytes_out": bytes_out, "removed_docs": rem_docs, "removed_bytes": rem_bytes,
                    "bytes_stripped": f["bytes_kept_raw"] - f["bytes_kept"],  # markup, boilerplate, whitespace
                    "lines_removed": f["lines_removed"], "missing": f["missing"],
-                   "read_issues": {k: f["read"][k] for k in READ_ISSUES}, "read_errors": f["read"]["errors"]}
+                   "read_issues": {k: f["read"][k] for k in READ_ISSUES}, "read_errors": f["read"]["errors"],
+                   "residual": {k: round(n / docs_out, 5) if docs_out else 0.0
+                                for k, n in sp["counts"]["residual"][s].items()},
+                   "residual_examples": sp.get("residual_examples", {}).get(s, {})}
         for r in ALL_RULES:
             rules[r]["docs"] += rem_docs[r]
             rules[r]["bytes"] += rem_bytes[r]
@@ -99,17 +106,21 @@ def update(path, **sections) -> dict:
 
 
 def source_table(audit: dict) -> pd.DataFrame:
-    """One row per source (plus a total): documents and MB in/out and documents removed per rule."""
+    """One row per source (plus a total): documents and MB in/out, documents removed per rule, and
+    the residual-junk shares of the kept documents (res_<kind>, fractions of docs_out)."""
     rows = []
     for s, v in audit["sources"].items():
         rows.append({"source": s, "role": v["role"], "docs_in": v["docs_in"], "docs_out": v["docs_out"],
                      "mb_in": v["bytes_in"] / 1e6, "mb_out": v["bytes_out"] / 1e6,
                      "kept_bytes_pct": 100 * v["bytes_out"] / v["bytes_in"] if v["bytes_in"] else 0.0,
                      **{r: v["removed_docs"][r] for r in ALL_RULES},
-                     "read_skips": sum(v["read_issues"][k] for k in ("bad_json", "no_text", "truncated")) + v["missing"]})
+                     "read_skips": sum(v["read_issues"][k] for k in ("bad_json", "no_text", "truncated")) + v["missing"],
+                     **{f"res_{k}": v.get("residual", {}).get(k, 0.0) for k in RESIDUAL_KINDS}})
     df = pd.DataFrame(rows)
     total = df.drop(columns=["source", "role"]).sum(numeric_only=True)
     total["kept_bytes_pct"] = 100 * total["mb_out"] / total["mb_in"] if total["mb_in"] else 0.0
+    for k in RESIDUAL_KINDS:  # shares: the total is the share over all kept documents
+        total[f"res_{k}"] = (df[f"res_{k}"] * df["docs_out"]).sum() / total["docs_out"] if total["docs_out"] else 0.0
     df.loc[len(df)] = {"source": "TOTAL", "role": "", **total.to_dict()}
     return df
 

@@ -5,7 +5,8 @@
               clean/filtered/<source>.{jsonl,npz} and, last, <source>.json (stats + marker).
   2. dedup    across all sources at once: exact, then near duplicates -> clean/dedup.json.
   3. split    every kept document goes to train/val/test by the hash of its text (split.py);
-              training documents are repeated or thinned by the source weight. Writes
+              training documents are repeated or thinned by the source weight; the residual-junk
+              scan (residual.py) runs over the kept documents here. Writes
               clean/{train,val,test}/<source>.jsonl and, last, clean/meta.json.
 Each stage is skipped on a rerun when its marker holds the same parameter hash, so a killed
 run loses at most the source it was working on.
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from gmlib import atomic
-from . import clean, dedup, sources, split, stages
+from . import clean, dedup, residual, sources, split, stages
 from .clean import CleanConfig
 from .dedup import DedupConfig
 
@@ -42,8 +43,20 @@ class DataConfig:
     base_url: str | None = None                   # download base if a file is not local (else $GM_DATA_URL)
     clean: CleanConfig = field(default_factory=CleanConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    # per-source cleaning switches and thresholds: source -> {CleanConfig field: value}, e.g.
+    # {"social_anekdot_dialogues": {"skip_rules": ["newline_ratio"]}}
+    source_rules: dict = field(default_factory=dict)
+    # sources described in the params file alone: name -> {role, relpath, repo, origin, license}
+    extra_sources: dict = field(default_factory=dict)
 
     def validate(self):
+        for name, spec in self.extra_sources.items():
+            sources.register(name, spec)
+        bad = [s for s in self.source_rules if s not in self.sources]
+        if bad:
+            raise ValueError(f"source_rules: source(s) {bad} are not in sources")
+        for s in self.source_rules:
+            self.clean_for(s)  # raises on an unknown setting or rule
         unknown = [s for s in [*self.sources, *self.weights] if s not in sources.SOURCES]
         if unknown:
             raise ValueError(f"unknown source(s) {unknown}; known: {', '.join(sources.CORPUS)}")
@@ -54,21 +67,26 @@ class DataConfig:
             raise ValueError(f"negative source weight in {self.weights}")
         return self
 
+    def clean_for(self, name: str) -> CleanConfig:
+        """The cleaning config of one source: `clean` with its `source_rules` applied."""
+        role = sources.SOURCES[name].role
+        return self.clean.for_role(role).with_overrides(self.source_rules.get(name, {}), f"source_rules.{name}")
+
 
 # --- 1. filter ------------------------------------------------------------------------------
 
 _worker = {}
 
 
-def _init_worker(clean_cfg, dedup_cfg):
-    _worker["clean"], _worker["hasher"] = clean_cfg, dedup.MinHasher(dedup_cfg)
+def _init_worker(dedup_cfg):
+    _worker["hasher"] = dedup.MinHasher(dedup_cfg)
 
 
 def _filter_batch(task):
     """In a worker: clean, rules and hashes for a batch of raw texts of one source."""
-    role, batch = task
+    role, cfg, batch = task
     t0 = time.process_time()
-    cfg, hasher = _worker["clean"], _worker["hasher"]
+    hasher = _worker["hasher"]
     out = []
     for _, raw in batch:
         text, n_lines = clean.clean_text(raw, cfg)
@@ -112,12 +130,13 @@ def _batches(items, batch_bytes):
 def filter_source(name: str, cfg: DataConfig, out_dir: Path, pool=None) -> dict:
     """Stage 1 for one source (skipped when its marker matches); returns its stats."""
     src = sources.SOURCES[name]
-    phash = stages.params_hash("filter", name, cfg.max_bytes_per_source, cfg.clean, cfg.dedup)
+    ccfg = cfg.clean_for(name)
+    phash = stages.params_hash("filter", name, src, cfg.max_bytes_per_source, ccfg, cfg.dedup)
     marker = out_dir / f"{name}.json"
     if (meta := stages.done(marker, phash)) is not None:
         return meta
     if pool is None:
-        _init_worker(cfg.clean, cfg.dedup)
+        _init_worker(cfg.dedup)
     t0 = time.time()
     rs = sources.ReadStats()
     st = {"source": name, "role": src.role, "missing": 0, "docs_in": 0, "bytes_in": 0, "docs_kept": 0,
@@ -134,8 +153,8 @@ def filter_source(name: str, cfg: DataConfig, out_dir: Path, pool=None) -> dict:
     with atomic.atomic_path(out_dir / f"{name}.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as fout:
         if path is not None:
             docs = _limited(sources.iter_records(path, stats=rs), name, cfg.max_bytes_per_source)
-            tasks = ((src.role, b) for b in _batches(docs, cfg.batch_bytes))
-            for (_, batch), (results, cpu) in stages.ordered_map(pool, _filter_batch, tasks):
+            tasks = ((src.role, ccfg, b) for b in _batches(docs, cfg.batch_bytes))
+            for (_, _, batch), (results, cpu) in stages.ordered_map(pool, _filter_batch, tasks):
                 st["cpu_seconds"] += cpu
                 for (doc_id, raw), (rule, text, n_lines, key, sig) in zip(batch, results):
                     nraw = len(raw.encode("utf-8"))
@@ -202,7 +221,7 @@ def _read_jsonl(path):
 
 def split_all(cfg: DataConfig, filtered: dict, dd: dict, clean_dir: Path) -> dict:
     """Stage 3: write clean/{train,val,test}/<source>.jsonl; training docs weighted."""
-    phash = stages.params_hash("split", dd["params_hash"], cfg.val_frac, cfg.test_frac,
+    phash = stages.params_hash("split", residual.VERSION, dd["params_hash"], cfg.val_frac, cfg.test_frac,
                                {s: cfg.weights.get(s, 1.0) for s in cfg.sources})
     marker = clean_dir / "meta.json"
     if (meta := stages.done(marker, phash)) is not None:
@@ -210,12 +229,15 @@ def split_all(cfg: DataConfig, filtered: dict, dd: dict, clean_dir: Path) -> dic
     marker.unlink(missing_ok=True)
     t0 = time.time()
     counts = {sp: {} for sp in split.SPLITS}
+    counts["residual"], residual_examples = {}, {}
     dup_examples = {r: [] for r in DEDUP_RULES}
     for s in cfg.sources:
         drop = {i: r for r in DEDUP_RULES for i in dd["removed"][s][r]}
         w = cfg.weights.get(s, 1.0)
         c = {sp: {"docs": 0, "bytes": 0} for sp in split.SPLITS}
         c["dedup_bytes"] = {r: 0 for r in DEDUP_RULES}
+        c["residual"] = {k: 0 for k in residual.KINDS}
+        rex = residual_examples[s] = {}
         with atomic.atomic_path(clean_dir / "train" / f"{s}.jsonl") as ttr, \
                 atomic.atomic_path(clean_dir / "val" / f"{s}.jsonl") as tva, \
                 atomic.atomic_path(clean_dir / "test" / f"{s}.jsonl") as tte:
@@ -229,6 +251,10 @@ def split_all(cfg: DataConfig, filtered: dict, dd: dict, clean_dir: Path) -> dic
                         if len(dup_examples[drop[i]]) < EXAMPLES_PER_RULE:
                             dup_examples[drop[i]].append(rec["text"][:EXAMPLE_CHARS])
                         continue
+                    for kind in residual.scan(rec["text"]):  # kept documents, before mixing
+                        c["residual"][kind] += 1
+                        if len(rex.setdefault(kind, [])) < EXAMPLES_PER_RULE:
+                            rex[kind].append({"id": rec["id"], "line": residual.first_line(rec["text"], kind)})
                     sp = split.split_of(rec["text"], cfg.val_frac, cfg.test_frac)
                     n = split.copies(rec["text"], w) if sp == "train" else 1
                     line = json.dumps(rec, ensure_ascii=False) + "\n"
@@ -242,8 +268,10 @@ def split_all(cfg: DataConfig, filtered: dict, dd: dict, clean_dir: Path) -> dic
         for sp in split.SPLITS:
             counts[sp][s] = c[sp]
         counts.setdefault("dedup_bytes", {})[s] = c["dedup_bytes"]
+        counts["residual"][s] = c["residual"]
     meta = {"sources": list(cfg.sources), "weights": {s: cfg.weights.get(s, 1.0) for s in cfg.sources},
             "val_frac": cfg.val_frac, "test_frac": cfg.test_frac, "counts": counts, "dedup_examples": dup_examples,
+            "residual_examples": residual_examples,
             "seconds": round(time.time() - t0, 2)}
     return stages.finish(marker, phash, meta)
 
@@ -256,7 +284,7 @@ def prepare(cfg: DataConfig, clean_dir: Path, log=print) -> dict:
     clean_dir = Path(clean_dir)
     t0 = time.time()
     filtered = {}
-    with stages.worker_pool(cfg.workers, _init_worker, (cfg.clean, cfg.dedup)) as pool:
+    with stages.worker_pool(cfg.workers, _init_worker, (cfg.dedup,)) as pool:
         for s in cfg.sources:
             filtered[s] = filter_source(s, cfg, clean_dir / "filtered", pool)
             f = filtered[s]

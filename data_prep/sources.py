@@ -78,6 +78,27 @@ SOURCES: dict[str, Source] = {s.name: s for s in _REGISTRY}
 CORPUS: list[str] = [s.name for s in _REGISTRY if s.kind == "corpus"]  # the 23 pre-training sources, sorted
 
 
+def register(name: str, spec: dict, where: str = "extra_sources") -> Source:
+    """Add a corpus source described in the params file (no registry edit needed):
+    `spec` has `role` (one of ROLES) and optionally `relpath` (default corpus/<name>/<name>.jsonl.gz),
+    `repo`, `origin`, `license`. Re-registering the same description is a no-op; a clash with a
+    different source of that name is an error naming `where`."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}.{name}: expected a mapping with at least 'role', got {spec!r}")
+    allowed = {"role", "relpath", "repo", "origin", "license"}
+    bad = sorted(set(spec) - allowed)
+    if bad or spec.get("role") not in ROLES:
+        raise ValueError(f"{where}.{name}: unknown key(s) {bad} or role {spec.get('role')!r}; "
+                         f"keys: {sorted(allowed)}, roles: {list(ROLES)}")
+    src = Source(name, spec["role"], spec.get("relpath", f"corpus/{name}/{name}.jsonl.gz"), spec.get("repo", "local"),
+                 spec.get("origin", ""), spec.get("license", "not stated"))
+    old = SOURCES.get(name)
+    if old is not None and old != src:
+        raise ValueError(f"{where}.{name}: a different source of that name is already registered ({old})")
+    SOURCES[name] = src
+    return src
+
+
 class SourceError(OSError):
     """A source file that is missing or unreadable as a whole (the message names it)."""
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from gmlib import atomic
 
-VERSION = 1  # bump when a stage's code changes what it writes
+VERSION = 2  # bump when a stage's code changes what it writes
 
 
 def params_hash(*parts) -> str:
