@@ -156,26 +156,30 @@ def _ci(r, prefix):
 
 def figure(df: pd.DataFrame, x: str = "budget_flops_6nd"):
     """Macro bpb (95% intervals) against training compute on a log axis: the dense envelope, every
-    dense model as a point, and each gm family (its best k and pool per budget) as a line."""
+    dense model as a point, and each gm family (its best k and pool per budget) as a line. Against
+    FLOPs every model sits at its budget (each trains the budget's 6ND, to within rounding), the
+    series side by side; against GPU-seconds at its own measured seconds."""
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 5))
-    xs = "flops_6nd" if x == "budget_flops_6nd" else x  # each model at its own measured compute
+    mix = df[df["kind"] == "gm"]
+    families = sorted(mix["family"].dropna().unique())
+    n_series = len(families) + 2
 
-    def bars(rows, **kw):
+    def bars(rows, i, **kw):
+        xs = rows[x] * (1.03 ** (i - n_series / 2)) if x == "budget_flops_6nd" else rows[x]  # dodge, on a log axis
         err = np.vstack([rows["bpb_macro"] - rows["bpb_macro_ci_lo"], rows["bpb_macro_ci_hi"] - rows["bpb_macro"]])
-        return ax.errorbar(rows[xs], rows["bpb_macro"], yerr=err, capsize=3, **kw)
+        return ax.errorbar(xs, rows["bpb_macro"], yerr=err, capsize=3, **kw)
 
     dense = df[df["kind"] == "dense"]
     if len(dense):
-        bars(dense, fmt="o", color="0.6", alpha=0.7, label="dense (every size, decay)")
-        env = best_dense(df)
-        bars(env, fmt="s-", color="k", lw=2, label="dense envelope (best per budget)")
-    mix = df[df["kind"] == "gm"]
-    for fam, g in mix.groupby("family"):
-        best = g.loc[g.groupby("budget")["bpb_macro"].idxmin()].sort_values(xs)
-        bars(best, fmt="o--", label=f"gm {fam}")
+        bars(dense, 0, fmt="o", color="0.6", alpha=0.7, label="dense (every size and decay)")
+        bars(best_dense(df), 1, fmt="s-", color="k", lw=2, label="dense envelope (best per budget)")
+    for i, fam in enumerate(families, start=2):
+        g = mix[mix["family"] == fam]
+        best = g.loc[g.groupby("budget")["bpb_macro"].idxmin()].sort_values(x)
+        bars(best, i, fmt="o--", label=f"gm {fam} (best k, pool)")
     ax.set_xscale("log")
-    ax.set_xlabel("training compute, 6·N·tokens (FLOPs)" if xs == "flops_6nd" else "training GPU-seconds")
+    ax.set_xlabel("training compute, 6·N·tokens (FLOPs)" if x == "budget_flops_6nd" else "training GPU-seconds")
     ax.set_ylabel("macro bits per byte on the test split (lower is better)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
