@@ -140,3 +140,38 @@ def test_whole_gm_exports_and_scores_identically(tiny_shards, tiny_tokenizer_pat
     ids = torch.tensor(docs[0][None, :64].astype(np.int64))
     with torch.no_grad():
         assert (hf.import_gpt(out / "expert_000")(ids)[0] - ref(ids).logits).abs().max().item() <= 1e-5
+
+
+def test_export_script_picks_the_best_exportable_model(tiny_tokenizer_path, tmp_path, monkeypatch):
+    import shutil
+    import yaml
+    from gmlib.checkpoint import save_checkpoint
+    from helpers import load_script
+    monkeypatch.setenv("GM_WORK_DIR", str(tmp_path / "work"))
+    monkeypatch.setenv("GM_RESULTS_DIR", str(tmp_path / "results"))
+    work, res = tmp_path / "work" / "r", tmp_path / "results" / "r"
+    (tmp_path / "work" / "d").mkdir(parents=True)
+    shutil.copy(tiny_tokenizer_path, tmp_path / "work" / "d" / "tokenizer.model")
+    res.mkdir(parents=True)
+    (res / "05_evaluate.params.yaml").write_text(yaml.safe_dump({"data_name": "d", "run_name": "r"}))
+    acct = {"tokens": 1234, "gpu_seconds": 5.0, "device": "cpu", "flops": 1e9}
+    for name, act in [("relu", "relu2"), ("sw", "swiglu")]:
+        save_checkpoint(work / "models" / name / "checkpoint.safetensors",
+                        random_gpt(GPTConfig(**{**TINY, "vocab_size": 1000, "activation": act})), meta={"accounting": acct})
+    # the ReLU² model scores better but cannot be a Llama: "best" takes the gated one
+    summary = {"relu": {"bpb": 1.0, "bpb_ci": [0.9, 1.1], "ppl_word": 50.0},
+               "sw": {"bpb": 1.5, "bpb_ci": [1.4, 1.6], "ppl_word": 90.0}}
+    (res / "summary.json").write_text(json.dumps({"models": summary}))
+    script = load_script("scripts/export_hf.py")
+    script.main(["r", "best", str(tmp_path / "out")])
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "# sw (gm run `r`)" in card and "1.5000 [1.4000, 1.6000]" in card and "1,234 training tokens" in card
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.tensor([tok(RUSSIAN)["input_ids"][:60]])
+    with torch.no_grad():
+        assert (hf.import_gpt(tmp_path / "out")(ids)[0] - ref(ids).logits).abs().max().item() <= 1e-5
+    with pytest.raises(SystemExit, match="activation='relu2'"):
+        script.main(["r", "relu", str(tmp_path / "out2")])
+    with pytest.raises(SystemExit, match="neither"):
+        script.main(["r", "nosuch", str(tmp_path / "out3")])
