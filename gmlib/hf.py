@@ -152,8 +152,10 @@ def hf_tokenizer(sp_path):
     return tok, sp
 
 
-def save_tokenizer(sp_path, out, model_max_length: int):
+def save_tokenizer(sp_path, out, model_max_length: int, vocab_size: int | None = None):
     tok, sp = hf_tokenizer(sp_path)
+    if vocab_size is not None and sp.get_piece_size() != vocab_size:
+        raise ValueError(f"{sp_path}: {sp.get_piece_size()} pieces, but the model's vocab_size is {vocab_size}")
     out = Path(out)
     piece = lambda i: sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
     atomic.write_text(out / "tokenizer.json", tok.to_str(pretty=True))
@@ -173,10 +175,11 @@ def export_gpt(model: GPT, out, tokenizer=None, dtype: torch.dtype = torch.float
     from transformers import GenerationConfig
     out = Path(out)
     bos, eos = 1, 2
+    cfg = llama_config(model.cfg, dtype, bos, eos)  # refuses a non-exportable model before anything is written
     if tokenizer is not None:
-        sp = save_tokenizer(tokenizer, out, model.cfg.seq_len)
+        sp = save_tokenizer(tokenizer, out, model.cfg.seq_len, model.cfg.vocab_size)
         bos, eos = sp.bos_id(), sp.eos_id()
-    cfg = llama_config(model.cfg, dtype, bos, eos)
+        cfg.bos_token_id, cfg.eos_token_id = bos, eos
     state = {k: v.detach() for k, v in model.state_dict().items()}
     tensors = {k: v.to("cpu", dtype).contiguous() for k, v in to_llama_state(state, model.cfg).items()}
     with atomic.atomic_path(out / WEIGHTS) as tmp:
@@ -201,7 +204,8 @@ def import_gpt(folder, device="cpu") -> GPT:
 
 
 def folder_dtype(folder) -> torch.dtype:
-    return DTYPES[json.loads((Path(folder) / "config.json").read_text()).get("dtype", "float32")]
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    return DTYPES[cfg.get("dtype") or cfg.get("torch_dtype") or "float32"]  # torch_dtype: transformers 4's name
 
 
 # ---------------------------------------------------------------- a whole gm

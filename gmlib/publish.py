@@ -45,21 +45,27 @@ def resolve(run: str, model: str) -> dict:
     return {**spec, "kind": "gm", "k": int(m.group(3)) if m.group(3) else None}
 
 
-def best(run: str) -> dict:
-    """The exportable model of the run with the lowest held-out bpb in 05's summary.json."""
+def exportable(run: str, single: bool = False) -> list[dict]:
+    """The models of the run that a Llama can hold (a gated MLP), best held-out bpb first (05's summary.json);
+    with `single`, only dense models and single experts: what transformers alone can run."""
     models = _summary(run)
     if not models:
         raise FileNotFoundError(f"{results_dir(run) / 'summary.json'}: missing; run 05_evaluate first, or name the model")
-    tried = []
+    out = []
     for name in sorted(models, key=lambda n: models[n]["bpb"]):
         try:
             spec = resolve(run, name)
         except FileNotFoundError:
             continue  # scored by 05 but its weights are not in this work/ folder
-        if spec["config"].gated:
-            return spec
-        tried.append(f"{name} (activation={spec['config'].activation!r})")
-    raise ValueError(f"run {run!r}: no model a Llama can hold (a gated MLP, activation='swiglu'); found {tried}")
+        if spec["config"].gated and not (single and spec["kind"] == "gm"):
+            out.append(spec)
+    return out
+
+
+def best(run: str, single: bool = False) -> dict:
+    if found := exportable(run, single):
+        return found[0]
+    raise ValueError(f"run {run!r}: no model a Llama can hold (a gated MLP: train with activation='swiglu')")
 
 
 def data_name(run: str) -> str:

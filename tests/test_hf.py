@@ -114,6 +114,9 @@ def test_auto_tokenizer_matches_sentencepiece(real_docs, tiny_tokenizer_path, tm
     assert any(sp.is_byte(i) for i in sp.encode(RUSSIAN)), "the paragraph should exercise byte fallback"
     gen = json.loads((out / "generation_config.json").read_text())
     assert (gen["bos_token_id"], gen["eos_token_id"]) == (sp.bos_id(), sp.eos_id())
+    with pytest.raises(ValueError, match="vocab_size is 300"):  # a tokenizer of another vocabulary
+        hf.export_gpt(random_gpt(GPTConfig(**TINY)), tmp_path / "bad", tokenizer=tiny_tokenizer_path)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_whole_gm_exports_and_scores_identically(tiny_shards, tiny_tokenizer_path, tmp_path):
