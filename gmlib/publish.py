@@ -92,7 +92,8 @@ def model_card(run: str, spec: dict, dtype_name: str) -> str:
                 f"folder each, with its router (`router/`) and mixture settings (`gm_hf.json`)")
         if spec["kind"] == "expert":
             acct = spec["info"]["records"][spec["expert"]]["accounting"]
-    lines = [f"# {spec['name']} (gm run `{run}`)", "", f"{what}, exported from gm as `LlamaForCausalLM` ({dtype_name}).", "",
+    form = "each expert" if spec["kind"] == "gm" else "exported from gm as"
+    lines = [f"# {spec['name']} (gm run `{run}`)", "", f"{what}, {form} `LlamaForCausalLM` ({dtype_name}).", "",
              "| | |", "|---|---|",
              f"| architecture | {cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} heads of {cfg.n_embd // cfg.n_head}, "
              f"SwiGLU MLP {cfg.mlp_width}, RoPE θ {cfg.rope_base:g}, context {cfg.seq_len}, vocab {cfg.vocab_size}, tied embeddings |"]
