@@ -263,8 +263,9 @@ def load_gm_hf(folder, device="cpu", pool: int = 2):
 def mixture_lm(folder, device="cpu", **overrides):
     """The exported gm as a gmlib.mixture.MixtureLM, with its stored mixture settings (or overrides)."""
     from .mixture import MixtureConfig, MixtureLM
-    stored = json.loads((Path(folder) / "gm_hf.json").read_text())["mixture"]
-    mc = MixtureConfig(**{**stored, **overrides})
-    router, load_expert, info = load_gm_hf(folder, device, pool=max(2, mc.k))  # the k experts are used together
-    return MixtureLM(load_expert, info["n_experts"], router, mc, base_prior=info["shares"],
-                     expert_n_params=info["params_per_expert"])
+    stored = json.loads((Path(folder) / "gm_hf.json").read_text())
+    mc = MixtureConfig(**{**stored["mixture"], **overrides})
+    # as gmlib.gm.mixture_loader: the k experts are used together, log-linear pooling weighs them all
+    pool = stored["n_experts"] if mc.pool == "log-linear" else max(2, mc.k)
+    router, load_expert, info = load_gm_hf(folder, device, pool=pool)
+    return MixtureLM(load_expert, info["n_experts"], router, mc, expert_n_params=info["params_per_expert"])

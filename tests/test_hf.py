@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gmlib import gm, hf
-from gmlib.mixture import MixtureConfig, MixtureLM, SingleLM
+from gmlib.mixture import MixtureConfig, SingleLM
 from gmlib.model import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")
@@ -132,12 +132,12 @@ def test_whole_gm_exports_and_scores_identically(tiny_shards, tiny_tokenizer_pat
     assert (out / "README.md").read_text() == "# a tiny gm\n"
     assert (out / "expert_001" / "tokenizer.json").is_file() and (out / "router" / "router.json").is_file()
     docs = [TokenShards(tiny_shards / "val").doc(i)[:90] for i in range(4)]
-    router, load_expert, info = gm.load_gm(tmp_path / "gm", "cpu", pool=2)
-    before = MixtureLM(load_expert, 2, router, MixtureConfig(k=2, reroute_every=32), base_prior=info["shares"],
-                       expert_n_params=info["params_per_expert"]).token_logprobs_many(docs)
-    info["store"].close()
-    after = hf.mixture_lm(out).token_logprobs_many(docs)
-    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    for spec in [{"k": 2, "reroute_every": 32}, {"k": 1, "pool": "log-linear"}]:
+        # the trained gm as 05_evaluate loads it, against the exported folder with the same settings
+        before = gm.mixture_loader(tmp_path)({"kind": "gm", "run": "gm", **spec}, "cpu").token_logprobs_many(docs)
+        after = hf.mixture_lm(out, **spec).token_logprobs_many(docs)
+        assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    assert hf.mixture_lm(out).cfg == MixtureConfig(k=2, reroute_every=32)  # the stored settings
     # and each expert folder is an ordinary Llama for transformers
     ref = transformers.AutoModelForCausalLM.from_pretrained(out / "expert_000").eval()
     ids = torch.tensor(docs[0][None, :64].astype(np.int64))
