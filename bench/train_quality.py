@@ -4,11 +4,14 @@ data order and schedule for each, and compare their validation loss at equal tok
   python bench/train_quality.py 124m-b64-relu2-cudnn 124m-b64-relu2-cudnn-h6-bf16res-fp8 \
       --shards work/data/shards --steps 600          # on a GPU, about 100 s a variant at 124m
   python bench/train_quality.py tiny-cpu tiny-cpu-bf16res-fp8row --shards work/data/shards --steps 30
+  python bench/train_quality.py 124m-b64-relu2-cudnn-h6-bf16res-fp8 124m-b64-swiglu-cudnn-h6-bf16res-fp8 \
+      --shards work/data/shards --steps 600          # the gated MLP against the fastest stack
 
 train_speed.py times variants on random tokens, where a loss means nothing; here the same Trainer
 (build_trainer) reads `--shards`/train, validates on the first `--eval-batches` batches of `--shards`/val
 (the same batches for every variant), with warmup then cosine to `--steps`. Every variant starts from
-the same initial weights when the architecture is the same (seed 0). Records are merged into --out
+the same initial weights when the architecture is the same (seed 0); a gated MLP (swiglu) has other
+shapes, so other initial weights from the same seed. Records are merged into --out
 (default results/bench/train_quality.json), one per (config, variant, device).
 """
 import argparse
@@ -34,7 +37,8 @@ def train_one(name: str, shards: Path, steps: int, eval_every: int, eval_batches
     acct = tr.run(progress=False)
     h = tr.history
     return {
-        "config": v["config"], "variant": name, "params": cfg.n_params, "n_head": cfg.n_head, "batch": v["batch"],
+        "config": v["config"], "variant": name, "params": cfg.n_params, "n_head": cfg.n_head, "mlp_width": cfg.mlp_width,
+        "batch": v["batch"],
         "seq_len": cfg.seq_len, "steps": tr.step, "tokens": acct["tokens"], "lr": lr,
         "val_loss": h["val_loss"][-1], "val_curve": list(zip(h["val_step"], h["val_loss"])),
         "train_curve": list(zip(h["step"], h["loss"])), "eval_batches": eval_batches,

@@ -75,6 +75,10 @@ VARIANTS = {
                                                 n_head=6, bf16_residual=True, fp8="all"),
     "124m-b64-relu2-cudnn-h6-bf16res-fp8row": dict(config="124m", batch=64, activation="relu2", sdpa="cudnn",
                                                    n_head=6, bf16_residual=True, fp8="all", fp8_scaling="row"),
+    # the gated MLP (issue 15) on the fastest 124m stack: Llama's SwiGLU, width 2048 (the same parameters and
+    # FLOPs as ReLU²'s 3072), one fused [gate; up] matmul; compare it with the line above in one call
+    "124m-b64-swiglu-cudnn-h6-bf16res-fp8": dict(config="124m", batch=64, activation="swiglu", sdpa="cudnn",
+                                                 n_head=6, bf16_residual=True, fp8="all"),
     "350m-b16-relu2-cudnn-h8-bf16res": dict(config="350m", batch=16, activation="relu2", sdpa="cudnn", n_head=8,
                                             bf16_residual=True),
     "350m-b16-relu2-cudnn-h8-bf16res-fp8row": dict(config="350m", batch=16, activation="relu2", sdpa="cudnn",
@@ -82,6 +86,7 @@ VARIANTS = {
     "350m-b16-relu2-cudnn-h8-bf16res-fp8": dict(config="350m", batch=16, activation="relu2", sdpa="cudnn",
                                                 n_head=8, bf16_residual=True, fp8="all"),
     "tiny-cpu": dict(config="tiny", batch=8, compile=False, seq_len=128),
+    "tiny-cpu-swiglu": dict(config="tiny", batch=8, compile=False, seq_len=128, activation="swiglu"),
     "tiny-cpu-bf16res-fp8row": dict(config="tiny", batch=8, compile=False, seq_len=128, bf16_residual=True,
                                     fp8="all", fp8_scaling="row"),
 }
@@ -172,7 +177,7 @@ def measure(name: str, shard_dir: str, seconds: float) -> dict:
         "flops_per_token": fpt, "flops_count": "6N + 12*L*d*T (N incl. tied embedding), peak 989e12 bf16",
         "settings": {k: v[k] for k in ("compile", "mode", "activation", "fp32_logits", "inductor", "sdpa", "fp8",
                                        "fp8_scaling", "bf16_residual")},
-        "n_head": cfg.n_head,
+        "n_head": cfg.n_head, "mlp_width": cfg.mlp_width,
         "vocab": VOCAB, "load_avg_1m": round(os.getloadavg()[0], 2), "status": "ok", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

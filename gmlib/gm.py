@@ -135,9 +135,9 @@ def _barrier():
 
 def _state_bytes(mcfg: GPTConfig) -> int:
     """Upper bound of one expert's store size: fp32 weights + two Adam moments + steps, each
-    tensor aligned as the store lays it out (shapes as gmlib.model builds them)."""
-    d, h = mcfg.n_embd, mcfg.mlp_ratio * mcfg.n_embd
-    sizes = [mcfg.vocab_size * d, d] + mcfg.n_layer * [d, 3 * d * d, d * d, d, h * d, d * h]
+    tensor aligned as the store lays it out (the shapes asked of a GPT on the meta device: no memory)."""
+    with torch.device("meta"):
+        sizes = [p.numel() for p in GPT(mcfg).parameters()]
     return sum(3 * (-(-4 * n // 256) * 256) + 256 for n in sizes)
 
 

@@ -19,7 +19,11 @@ class GPTConfig:
     n_embd: int = 768
     mlp_ratio: int = 4
     rope_base: float = 10000.0
-    activation: str = "gelu"  # "gelu" (tanh approximation) or "relu2" (squared ReLU, Primer / modded-nanogpt)
+    # "gelu" (tanh approximation), "relu2" (squared ReLU, Primer / modded-nanogpt), or "swiglu" (gated, as Llama:
+    # silu(gate(x)) * up(x); the only one a Llama checkpoint can hold, see gmlib.hf). The presets' default is
+    # this one line.
+    activation: str = "gelu"
+    mlp_hidden: int = 0      # width of the MLP's hidden layer; 0: mlp_ratio·d, or for swiglu 2/3 of it (mlp_width)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -29,14 +33,33 @@ class GPTConfig:
         for k in ("vocab_size", "seq_len", "n_layer", "n_head", "n_embd", "mlp_ratio"):
             if getattr(self, k) < 1:
                 raise ValueError(f"GPTConfig: {k}={getattr(self, k)} must be positive")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"GPTConfig: activation={self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
+        if self.mlp_hidden < 0:
+            raise ValueError(f"GPTConfig: mlp_hidden={self.mlp_hidden} must be >= 0 (0: derived from mlp_ratio)")
+        if self.activation not in ACTIVATIONS and self.activation not in GATED:
+            raise ValueError(f"GPTConfig: activation={self.activation!r}; "
+                             f"choose one of {sorted(ACTIVATIONS) + sorted(GATED)}")
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in GATED
+
+    @property
+    def mlp_width(self) -> int:
+        """The MLP's hidden width. A gated MLP has three matrices instead of two, so it takes 2/3 of
+        mlp_ratio·d, rounded to the nearest multiple of 64 (Llama rounds 2/3·4d up to a multiple of 256;
+        the nearest 64 keeps params and FLOPs closer: 124m 2048, exactly 4d's; 30m 1344, -1.6%; 10m 704, +3.1%;
+        350m 2752, +0.8%; tiny 192, +12.5%)."""
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        h = self.mlp_ratio * self.n_embd
+        return max(64, 64 * round(2 * h / 3 / 64)) if self.gated else h
 
     @property
     def n_params(self) -> int:
         """Parameters, from the config alone (the tied embedding counted once)."""
         d, L = self.n_embd, self.n_layer
-        per_layer = 4 * d * d + 2 * self.mlp_ratio * d * d + 2 * d   # qkv+proj, mlp, two RMSNorm gains
+        mlp = (3 if self.gated else 2) * d * self.mlp_width         # gate+up+down, or fc+proj
+        per_layer = 4 * d * d + mlp + 2 * d                          # qkv+proj, mlp, two RMSNorm gains
         return self.vocab_size * d + L * per_layer + d               # embedding, blocks, final norm
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
@@ -122,16 +145,24 @@ def relu2(x):
 
 
 ACTIVATIONS = {"gelu": gelu, "relu2": relu2}
+GATED = {"swiglu": F.silu}  # act(gate) * up (Shazeer 2020, "GLU variants"; Llama)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, cfg.mlp_ratio * cfg.n_embd, bias=False)
-        self.proj = nn.Linear(cfg.mlp_ratio * cfg.n_embd, cfg.n_embd, bias=False)
-        self.act = ACTIVATIONS[cfg.activation]
+        h = cfg.mlp_width
+        self.gated = cfg.gated
+        # gated: fc holds [gate; up] stacked (one matmul instead of two; gmlib.hf splits it into
+        # Llama's gate_proj and up_proj), proj is down_proj
+        self.fc = nn.Linear(cfg.n_embd, (2 if self.gated else 1) * h, bias=False)
+        self.proj = nn.Linear(h, cfg.n_embd, bias=False)
+        self.act = GATED[cfg.activation] if self.gated else ACTIVATIONS[cfg.activation]
 
     def forward(self, x):
+        if self.gated:
+            gate, up = self.fc(x).chunk(2, dim=-1)
+            return self.proj(self.act(gate) * up)
         return self.proj(self.act(self.fc(x)))
 
 

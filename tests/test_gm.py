@@ -63,6 +63,15 @@ def test_config_round_trip_and_errors():
         gm.GMConfig(budget="equal")
 
 
+def test_state_bytes_sizes_a_gated_expert():
+    """fp32 weights + two Adam moments (12 bytes a parameter), each tensor padded to 256 bytes plus 256 for its
+    step: for tiny with swiglu, the hand count of its 2 + 6·L tensors (the gated fc is 2·192 rows of 64)."""
+    cfg = gm.GPTConfig(n_layer=2, n_head=2, n_embd=64, seq_len=128, vocab_size=1000, activation="swiglu")
+    pad = lambda n: 3 * (-(-4 * n // 256) * 256) + 256  # noqa: E731
+    layer = [64, 3 * 64 * 64, 64 * 64, 64, 2 * 192 * 64, 64 * 192]
+    assert gm._state_bytes(cfg) == pad(1000 * 64) + pad(64) + 2 * sum(pad(n) for n in layer)
+
+
 def test_experts_learn_their_own_data(main_run):
     out, s = main_run
     assert (out / "gm.json").is_file() and json.loads((out / "gm.json").read_text()) == json.loads(json.dumps(s))

@@ -23,15 +23,34 @@ def test_param_count_matches_hand_count_and_module():
     assert sum(p.numel() for p in GPT(cfg).parameters()) == SMALL_PARAMS
 
 
+# the gated MLP (swiglu) of the same SMALL config: width 2/3 of 4*8 = 21.3, to the nearest multiple of 64 = 64
+# (at least 64); gate 8*64 + up 8*64 + down 64*8 = 1536, so per layer 192 + 64 + 1536 + 16 = 1808
+SMALL_GATED_PARAMS = 800 + 2 * 1808 + 8            # 4424
+
+
+def test_gated_mlp_param_and_flop_counts_by_hand():
+    cfg = GPTConfig(**SMALL, activation="swiglu")
+    assert cfg.mlp_width == 64 and cfg.n_params == SMALL_GATED_PARAMS
+    assert sum(p.numel() for p in GPT(cfg).parameters()) == SMALL_GATED_PARAMS
+    # the presets' widths: 2/3 of 4d to the nearest 64; at 124m exactly the non-gated MLP's parameters
+    widths = {n: make_config(n, activation="swiglu").mlp_width for n in ("tiny", "30m", "124m", "350m")}
+    assert widths == {"tiny": 192, "30m": 1344, "124m": 2048, "350m": 2752}
+    assert make_config("124m", activation="swiglu").n_params == make_config("124m").n_params
+    assert GPTConfig(**SMALL, activation="swiglu", mlp_hidden=40).mlp_width == 40  # an imported width kept
+    with pytest.raises(ValueError, match="mlp_hidden"):
+        GPTConfig(**SMALL, mlp_hidden=-1)
+
+
 def test_preset_param_counts():
     # 124m at vocab 32000: 32000*768 + 12*(12*768^2 + 2*768) + 768
     assert make_config("124m", vocab_size=32000).n_params == 32000 * 768 + 12 * (12 * 768**2 + 2 * 768) + 768
     assert make_config("350m", vocab_size=32000).n_params == 32000 * 1024 + 24 * (12 * 1024**2 + 2 * 1024) + 1024
 
 
-def test_flops_per_token_matches_flop_counter():
-    cfg = GPTConfig(**SMALL)
-    assert cfg.flops_per_token() == SMALL_FLOPS
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_flops_per_token_matches_flop_counter(activation):
+    cfg = GPTConfig(**SMALL, activation=activation)
+    assert cfg.flops_per_token() == (SMALL_FLOPS if activation == "gelu" else 6 * SMALL_GATED_PARAMS + 12 * 2 * 8 * 16)
     torch.manual_seed(0)
     model = GPT(cfg)
     B, T = 3, cfg.seq_len
@@ -61,7 +80,7 @@ def test_bad_config_fails_clearly(bad, msg):
         make_config("7b")
 
 
-@pytest.mark.parametrize("activation", ["gelu", "relu2"])
+@pytest.mark.parametrize("activation", ["gelu", "relu2", "swiglu"])
 def test_kv_cache_matches_full_forward(activation):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**SMALL, activation=activation)).eval()

@@ -12,10 +12,12 @@ from helpers import load_script
 def test_two_variants_on_real_shards(tiny_shards, tmp_path, one_thread):
     tq = load_script("bench/train_quality.py")
     out = tmp_path / "quality.json"
-    tq.main(["tiny-cpu", "tiny-cpu-bf16res-fp8row", "--shards", str(tiny_shards), "--steps", "12",
+    tq.main(["tiny-cpu", "tiny-cpu-bf16res-fp8row", "tiny-cpu-swiglu", "--shards", str(tiny_shards), "--steps", "12",
              "--eval-every", "6", "--eval-batches", "2", "--out", str(out)])
     recs = {r["variant"]: r for r in json.loads(out.read_text())}
-    assert set(recs) == {"tiny-cpu", "tiny-cpu-bf16res-fp8row"}
+    assert set(recs) == {"tiny-cpu", "tiny-cpu-bf16res-fp8row", "tiny-cpu-swiglu"}
+    g = recs["tiny-cpu-swiglu"]  # the gated MLP compares on the same footing
+    assert g["settings"]["activation"] == "swiglu" and g["mlp_width"] == 192 and g["val_curve"][-1][1] < g["val_curve"][0][1]
     a, b = recs["tiny-cpu"], recs["tiny-cpu-bf16res-fp8row"]
     assert [s for s, _ in a["val_curve"]] == [6, 12] and a["tokens"] == 12 * 8 * 128
     assert a["val_curve"][-1][1] < a["val_curve"][0][1] and math.isfinite(b["val_loss"])
