@@ -114,7 +114,8 @@ def source_table(audit: dict) -> pd.DataFrame:
                      "mb_in": v["bytes_in"] / 1e6, "mb_out": v["bytes_out"] / 1e6,
                      "kept_bytes_pct": 100 * v["bytes_out"] / v["bytes_in"] if v["bytes_in"] else 0.0,
                      **{r: v["removed_docs"][r] for r in ALL_RULES},
-                     "read_skips": sum(v["read_issues"][k] for k in ("bad_json", "no_text", "truncated")) + v["missing"],
+                     "read_skips": sum(v["read_issues"][k] for k in ("bad_json", "no_text", "truncated", "empty_file"))
+                     + v["missing"],
                      **{f"res_{k}": v.get("residual", {}).get(k, 0.0) for k in RESIDUAL_KINDS}})
     df = pd.DataFrame(rows)
     total = df.drop(columns=["source", "role"]).sum(numeric_only=True)

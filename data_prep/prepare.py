@@ -8,8 +8,9 @@
               training documents are repeated or thinned by the source weight; the residual-junk
               scan (residual.py) runs over the kept documents here. Writes
               clean/{train,val,test}/<source>.jsonl and, last, clean/meta.json.
-Each stage is skipped on a rerun when its marker holds the same parameter hash, so a killed
-run loses at most the source it was working on.
+Each stage is skipped on a rerun when its marker holds the same parameter hash and its outputs
+are intact (stages.py), so a killed run loses at most the source it was working on; a damaged
+output is rebuilt, with what depends on it.
 """
 import json
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gmlib import atomic
+from gmlib import atomic, checks
 from . import clean, dedup, residual, sources, split, stages
 from .clean import CleanConfig
 from .dedup import DedupConfig
@@ -50,6 +51,11 @@ class DataConfig:
     extra_sources: dict = field(default_factory=dict)
 
     def validate(self):
+        """Every setting checked here, once, for the notebooks and the scripts alike: types,
+        ranges, known and distinct sources, and the cleaning and dedup settings inside."""
+        checks.check_types(self, "DataConfig")
+        checks.check_types(self.clean, "DataConfig.clean")
+        checks.check_types(self.dedup, "DataConfig.dedup")
         for name, spec in self.extra_sources.items():
             sources.register(name, spec)
         bad = [s for s in self.source_rules if s not in self.sources]
@@ -59,12 +65,29 @@ class DataConfig:
             self.clean_for(s)  # raises on an unknown setting or rule
         unknown = [s for s in [*self.sources, *self.weights] if s not in sources.SOURCES]
         if unknown:
-            raise ValueError(f"unknown source(s) {unknown}; known: {', '.join(sources.CORPUS)}")
+            raise ValueError(f"DataConfig: unknown source(s) {unknown}; known: {', '.join(sources.CORPUS)}")
+        if dups := sorted({s for s in self.sources if self.sources.count(s) > 1}):
+            raise ValueError(f"DataConfig.sources: {dups} listed more than once (a weight > 1 repeats a source)")
+        if not self.sources:
+            raise ValueError("DataConfig.sources: empty; name at least one source")
         if self.on_missing not in ("error", "skip"):
-            raise ValueError(f"on_missing must be 'error' or 'skip', not {self.on_missing!r}")
+            raise ValueError(f"DataConfig.on_missing must be 'error' or 'skip', not {self.on_missing!r}")
         split.split_of("", self.val_frac, self.test_frac)  # raises on bad fractions
-        if any(w < 0 for w in self.weights.values()):
-            raise ValueError(f"negative source weight in {self.weights}")
+        if bad := {s: w for s, w in self.weights.items() if not isinstance(w, (int, float)) or w < 0}:
+            raise ValueError(f"DataConfig.weights: {bad}; a weight is a number >= 0")
+        checks.at_least(self, "DataConfig", workers=1, batch_bytes=1)
+        if self.max_bytes_per_source is not None:
+            checks.at_least(self, "DataConfig", max_bytes_per_source=1)
+        c = self.clean
+        checks.at_least(c, "DataConfig.clean", min_words=0, min_stop_words=0, min_mean_word_len=0.0)
+        checks.fractions(c, "DataConfig.clean", "min_cyrillic", "max_foreign_cyrillic", "max_dup_line_frac",
+                         "min_line_punct", "max_newline_ratio")
+        if c.min_mean_word_len > c.max_mean_word_len:
+            raise ValueError(f"DataConfig.clean: min_mean_word_len={c.min_mean_word_len} > "
+                             f"max_mean_word_len={c.max_mean_word_len}")
+        if bad := [r for r in c.quality_roles if r not in sources.ROLES]:
+            raise ValueError(f"DataConfig.clean.quality_roles: unknown role(s) {bad}; known: {', '.join(sources.ROLES)}")
+        checks.fractions(self.dedup, "DataConfig.dedup", "threshold")
         return self
 
     def clean_for(self, name: str) -> CleanConfig:
@@ -127,13 +150,13 @@ def _batches(items, batch_bytes):
         yield batch
 
 
-def filter_source(name: str, cfg: DataConfig, out_dir: Path, pool=None) -> dict:
+def filter_source(name: str, cfg: DataConfig, out_dir: Path, pool=None, log=print) -> dict:
     """Stage 1 for one source (skipped when its marker matches); returns its stats."""
     src = sources.SOURCES[name]
     ccfg = cfg.clean_for(name)
     phash = stages.params_hash("filter", name, src, cfg.max_bytes_per_source, ccfg, cfg.dedup)
     marker = out_dir / f"{name}.json"
-    if (meta := stages.done(marker, phash)) is not None:
+    if (meta := stages.done(marker, phash, log)) is not None:
         return meta
     if pool is None:
         _init_worker(cfg.dedup)
@@ -179,22 +202,29 @@ def filter_source(name: str, cfg: DataConfig, out_dir: Path, pool=None) -> dict:
                  sigs=np.stack(sigs) if sigs else np.zeros((0, cfg.dedup.num_perm), np.uint32))
     st["read"] = rs.as_dict()
     st["seconds"] = round(time.time() - t0, 2)
-    return stages.finish(marker, phash, st)
+    for msg in rs.errors if rs.empty_file or rs.truncated else []:
+        log(f"warning: {msg}")
+    return stages.finish(marker, phash, st, outputs=[out_dir / f"{name}.jsonl", out_dir / f"{name}.npz"])
 
 
 # --- 2. dedup -------------------------------------------------------------------------------
 
-def dedup_all(cfg: DataConfig, filtered: dict, out_dir: Path) -> dict:
+def dedup_all(cfg: DataConfig, filtered: dict, out_dir: Path, log=print) -> dict:
     """Stage 2: exact + near duplicates over the kept documents of all sources, in source order."""
-    phash = stages.params_hash("dedup", cfg.dedup, [filtered[s]["params_hash"] for s in cfg.sources])
+    phash = stages.params_hash("dedup", cfg.dedup, [(filtered[s]["params_hash"], stages.output_hashes(filtered[s]))
+                                                     for s in cfg.sources])
     marker = out_dir / "dedup.json"
-    if (meta := stages.done(marker, phash)) is not None:
+    if (meta := stages.done(marker, phash, log)) is not None:
         return meta
     t0 = time.time()
     keys, sigs, owner = [], [], []
     for s in cfg.sources:
-        with np.load(out_dir / "filtered" / f"{s}.npz") as z:
-            keys.append(z["keys"]); sigs.append(z["sigs"])
+        path = out_dir / "filtered" / f"{s}.npz"
+        try:
+            with np.load(path) as z:
+                keys.append(z["keys"]); sigs.append(z["sigs"])
+        except (OSError, ValueError, EOFError, KeyError) as e:
+            raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e}); delete it and rerun") from e
         owner += [(s, i) for i in range(len(keys[-1]))]
     keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
     sigs = np.concatenate(sigs) if sigs else np.zeros((0, cfg.dedup.num_perm), np.uint32)
@@ -214,17 +244,24 @@ def dedup_all(cfg: DataConfig, filtered: dict, out_dir: Path) -> dict:
 # --- 3. split and mix -----------------------------------------------------------------------
 
 def _read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)
+    """Records of one of our own JSONL files; damage is an error naming the file and line."""
+    with open(path, "rb") as f:
+        for i, line in enumerate(f, 1):
+            try:
+                rec = json.loads(line.decode("utf-8"))
+            except ValueError as e:  # UnicodeDecodeError and JSONDecodeError both are
+                raise ValueError(f"{path}:{i}: damaged ({e}); delete it and rerun 01_data") from e
+            if not line.endswith(b"\n"):
+                raise ValueError(f"{path}:{i}: ends without a newline (truncated); delete it and rerun 01_data")
+            yield rec
 
 
-def split_all(cfg: DataConfig, filtered: dict, dd: dict, clean_dir: Path) -> dict:
+def split_all(cfg: DataConfig, filtered: dict, dd: dict, clean_dir: Path, log=print) -> dict:
     """Stage 3: write clean/{train,val,test}/<source>.jsonl; training docs weighted."""
     phash = stages.params_hash("split", residual.VERSION, dd["params_hash"], cfg.val_frac, cfg.test_frac,
                                {s: cfg.weights.get(s, 1.0) for s in cfg.sources})
     marker = clean_dir / "meta.json"
-    if (meta := stages.done(marker, phash)) is not None:
+    if (meta := stages.done(marker, phash, log)) is not None:
         return meta
     marker.unlink(missing_ok=True)
     t0 = time.time()
@@ -273,7 +310,8 @@ def split_all(cfg: DataConfig, filtered: dict, dd: dict, clean_dir: Path) -> dic
             "val_frac": cfg.val_frac, "test_frac": cfg.test_frac, "counts": counts, "dedup_examples": dup_examples,
             "residual_examples": residual_examples,
             "seconds": round(time.time() - t0, 2)}
-    return stages.finish(marker, phash, meta)
+    return stages.finish(marker, phash, meta, outputs=[clean_dir / sp / f"{s}.jsonl" for sp in split.SPLITS
+                                                       for s in cfg.sources])
 
 
 # --- all of stage 01 ------------------------------------------------------------------------
@@ -282,19 +320,21 @@ def prepare(cfg: DataConfig, clean_dir: Path, log=print) -> dict:
     """Run (or reuse) filter -> dedup -> split into `clean_dir`; return the three stages' records."""
     cfg.validate()
     clean_dir = Path(clean_dir)
+    if stale := atomic.remove_stale(clean_dir):
+        log(f"removed {len(stale)} temporary file(s) left by a killed run, e.g. {stale[0]}")
     t0 = time.time()
     filtered = {}
     with stages.worker_pool(cfg.workers, _init_worker, (cfg.dedup,)) as pool:
         for s in cfg.sources:
-            filtered[s] = filter_source(s, cfg, clean_dir / "filtered", pool)
+            filtered[s] = filter_source(s, cfg, clean_dir / "filtered", pool, log)
             f = filtered[s]
             log(f"filter {s:38s} {f['docs_in']:7d} docs {f['bytes_in'] / 1e6:8.2f} MB -> {f['docs_kept']:7d} docs "
                 f"{f['bytes_kept'] / 1e6:8.2f} MB  ({f['seconds']:.0f} s)")
     t1 = time.time()
-    dd = dedup_all(cfg, filtered, clean_dir)
+    dd = dedup_all(cfg, filtered, clean_dir, log)
     log(f"dedup: {sum(len(v) for r in dd['removed'].values() for v in r.values())} of {dd['n_docs']} documents removed")
     t2 = time.time()
-    meta = split_all(cfg, filtered, dd, clean_dir)
+    meta = split_all(cfg, filtered, dd, clean_dir, log)
     log(f"split: " + ", ".join(f"{sp} {sum(c['docs'] for c in meta['counts'][sp].values())} docs" for sp in split.SPLITS))
     return {"filtered": filtered, "dedup": dd, "split": meta,
             "wall_seconds": {"filter": round(t1 - t0, 2), "dedup": round(t2 - t1, 2), "split": round(time.time() - t2, 2)}}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gmlib import atomic, checks
 from gmlib.data import SHARD_TOKENS, ShardWriter, is_complete
 from . import stages, tokenizer
 from .split import SPLITS
@@ -24,6 +25,10 @@ class ShardConfig:
     workers: int = 2
     batch_bytes: int = 1_000_000
     shard_tokens: int = SHARD_TOKENS
+
+    def __post_init__(self):
+        checks.check_types(self, "ShardConfig")
+        checks.at_least(self, "ShardConfig", workers=1, batch_bytes=1, shard_tokens=1)
 
 
 _worker = {}
@@ -61,11 +66,14 @@ def tokenize_split(clean_dir, split: str, model_path, out_root, cfg: ShardConfig
     cfg = cfg or ShardConfig()
     clean_dir, out_root = Path(clean_dir), Path(out_root)
     cmeta = json.loads((clean_dir / "meta.json").read_text())
-    phash = stages.params_hash("shards", split, file_hash(model_path), cmeta["params_hash"], cfg.shard_tokens)
+    inputs = {k: h for k, h in stages.output_hashes(cmeta).items() if k.startswith(f"{split}/")}
+    phash = stages.params_hash("shards", split, file_hash(model_path), cmeta["params_hash"], inputs, cfg.shard_tokens)
     marker = out_root / f"{split}.done.json"
     if (meta := stages.done(marker, phash)) is not None and is_complete(out_root / split):
         return meta
     marker.unlink(missing_ok=True)
+    if stale := atomic.remove_stale(out_root / split):
+        print(f"removed {len(stale)} temporary file(s) left by a killed run, e.g. {stale[0]}")
     if pool is None:
         _init_worker(model_path)
     sp = tokenizer.load(model_path)
@@ -84,7 +92,8 @@ def tokenize_split(clean_dir, split: str, model_path, out_root, cfg: ShardConfig
                 p["docs"] += 1; p["bytes"] += nb; p["tokens"] += len(x)
     meta = {"split": split, "n_tokens": w.n_tokens, "n_docs": w.n_docs, "n_bytes": w.n_bytes, "per_source": per,
             "cpu_seconds": round(cpu, 3), "seconds": round(time.time() - t0, 2)}
-    return stages.finish(marker, phash, meta)
+    files = [f"{sh['name']}{ext}" for sh in w.shards for ext in (".bin", ".idx.npz")] + ["meta.json"]
+    return stages.finish(marker, phash, meta, outputs=[out_root / split / f for f in files])
 
 
 def _encode_batch_docs(batch):

@@ -8,16 +8,21 @@ looks in `<data_dir>/<relpath>`; when that is missing and a base URL is configur
 atomically, so an interrupted download never leaves a file that looks complete.
 
 Bad input is never a crash that loses finished output: an undecodable byte is replaced
-(U+FFFD, later removed by cleaning) and counted, a line that is not JSON or has no string
-`text` is skipped and counted, a truncated gzip keeps what was read and is counted; these
-counts (`ReadStats`) go into the audit. A missing file or one that is not gzip at all is a
-clear error naming the file.
+(U+FFFD, later removed by cleaning) and counted, and so is a lone UTF-16 surrogate escaped in
+the JSON ("\\ud800": valid JSON, but not encodable as UTF-8); a line that is not JSON or has no
+string `text` is skipped and counted; a truncated gzip, or one whose CRC or length check fails
+at its end, keeps what was read and is counted; a file with no records at all (zero bytes, a
+gzip of nothing) is counted and warned about; a UTF-8 byte-order mark is dropped. These counts
+(`ReadStats`, every message with file and line) go into the audit. A missing file or one that
+is not gzip at all is a clear error naming the file.
 """
 import gzip
 import json
 import os
+import re
 import shutil
 import urllib.request
+import warnings
 import zlib
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
@@ -103,6 +108,10 @@ class SourceError(OSError):
     """A source file that is missing or unreadable as a whole (the message names it)."""
 
 
+class SourceWarning(UserWarning):
+    """A source that read without error but gave nothing (an empty file)."""
+
+
 def locate(name: str, root=None, base_url: str | None = None, cache_dir=None) -> Path:
     """Path of source `name`: `<root>/<relpath>` (root defaults to gmlib.paths.data_dir()),
     else `<cache_dir>/<relpath>` downloaded from `<base_url>/<relpath>` (base_url defaults to
@@ -147,15 +156,19 @@ class ReadStats:
     lines: int = 0
     docs: int = 0
     bytes: int = 0                 # UTF-8 bytes of the `text` fields yielded
-    undecodable_lines: int = 0     # had invalid UTF-8, kept with U+FFFD
+    undecodable_lines: int = 0     # had invalid UTF-8 or a lone surrogate, kept with U+FFFD
     bad_json: int = 0              # skipped
     no_text: int = 0               # skipped: no string `text`
-    truncated: int = 0             # 1 if the gzip stream ended early (what came before is kept)
+    truncated: int = 0             # 1 if the gzip stream ended early or failed its CRC (what came before is kept)
     empty_file: int = 0            # 1 if the file held no records at all
     errors: list = field(default_factory=list)  # a few messages, for the audit
 
     def as_dict(self):
         return asdict(self)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads turns pairs into one character: these are lone
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 def iter_records(path, max_bytes: int | None = None, stats: ReadStats | None = None):
@@ -165,11 +178,18 @@ def iter_records(path, max_bytes: int | None = None, stats: ReadStats | None = N
     st = stats if stats is not None else ReadStats()
     if not path.is_file():
         raise SourceError(f"{path}: no such file")
-    opener = gzip.open if path.suffix == ".gz" else open
+    gz = path.suffix == ".gz"
+    if gz:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head and head != GZIP_MAGIC:  # judged up front, so a later gzip error is damage, not a wrong format
+            raise SourceError(f"{path}: not a gzip file (starts with {head!r}, not {GZIP_MAGIC!r})")
     try:
-        with opener(path, "rb") as f:
+        with (gzip.open if gz else open)(path, "rb") as f:
             for raw in f:
                 st.lines += 1
+                if st.lines == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]  # a UTF-8 byte-order mark, as some editors write: not part of the record
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError:
@@ -188,20 +208,25 @@ def iter_records(path, max_bytes: int | None = None, stats: ReadStats | None = N
                     st.no_text += 1
                     _note(st, f"{path}:{st.lines}: no string 'text' field")
                     continue
+                if any(isinstance(v, str) and _SURROGATE.search(v) for v in rec.values()):
+                    rec = {k: _SURROGATE.sub("\ufffd", v) if isinstance(v, str) else v for k, v in rec.items()}
+                    st.undecodable_lines += 1
+                    _note(st, f"{path}:{st.lines}: lone UTF-16 surrogate, replaced")
                 st.docs += 1
                 st.bytes += len(rec["text"].encode("utf-8"))
                 yield rec
                 if max_bytes is not None and st.bytes >= max_bytes:
                     return
-    except (EOFError, zlib.error) as e:
-        # gzip ended mid-stream or its CRC is wrong: keep what was read, count it
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        # the gzip stream ended early, or its CRC / length check failed at the end: keep what
+        # was read, count it (the header was checked above, so this is damage, not a wrong format)
         st.truncated = 1
         _note(st, f"{path}: truncated or corrupt gzip after {st.lines} lines ({e})")
-    except gzip.BadGzipFile as e:
-        raise SourceError(f"{path}: not a gzip file ({e})") from e
     finally:
         if st.lines == 0 and not st.truncated:
             st.empty_file = 1
+            _note(st, f"{path}: empty file (0 records)")
+            warnings.warn(f"{path}: empty file, 0 records read", SourceWarning, stacklevel=2)
 
 
 def _note(st: ReadStats, msg: str, keep: int = 5):

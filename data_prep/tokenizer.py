@@ -18,7 +18,10 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from gmlib import atomic
+from gmlib import atomic, checks
+
+# byte fallback needs its 256 byte pieces, plus <unk>, <s>, </s> and "\n", plus room to learn
+MIN_VOCAB, MAX_VOCAB = 300, 256_000
 
 
 @dataclass
@@ -29,6 +32,13 @@ class TokenizerConfig:
     input_sentence_size: int = 2_000_000  # SentencePiece samples at most this many sentences
     num_threads: int = 2
     seed: int = 0
+
+    def __post_init__(self):
+        checks.check_types(self, "TokenizerConfig")
+        checks.in_range(self.vocab_size, "TokenizerConfig.vocab_size", MIN_VOCAB, MAX_VOCAB,
+                        "byte fallback needs 256 byte pieces and the specials, plus room for real pieces")
+        checks.fractions(self, "TokenizerConfig", "character_coverage")
+        checks.at_least(self, "TokenizerConfig", max_sentence_chars=1, input_sentence_size=1, num_threads=1)
 
 
 def _sentences(texts, max_chars: int):
@@ -63,7 +73,11 @@ def load(model_path) -> spm.SentencePieceProcessor:
     path = Path(model_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no tokenizer model (run notebooks/02_tokenizer.ipynb first)")
-    return spm.SentencePieceProcessor(model_file=str(path))
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:  # SentencePiece says "unk is not defined" for an empty file
+        raise ValueError(f"{path}: not a usable SentencePiece model ({path.stat().st_size} bytes; {e}); "
+                         f"delete it and rerun notebooks/02_tokenizer.ipynb") from e
 
 
 def train_on_split(clean_dir, model_path, cfg: TokenizerConfig | None = None, sample_bytes: int | None = None) -> dict:
@@ -75,10 +89,12 @@ def train_on_split(clean_dir, model_path, cfg: TokenizerConfig | None = None, sa
     cfg = cfg or TokenizerConfig()
     clean_dir, model_path = Path(clean_dir), Path(model_path)
     cmeta = json.loads((clean_dir / "meta.json").read_text())
-    phash = stages.params_hash("tokenizer", cfg, sample_bytes, cmeta["params_hash"])
+    phash = stages.params_hash("tokenizer", cfg, sample_bytes, cmeta["params_hash"], stages.output_hashes(cmeta))
     marker = model_path.with_suffix(".json")
-    if (meta := stages.done(marker, phash)) is not None and model_path.is_file():
+    if (meta := stages.done(marker, phash)) is not None:
         return meta
+    if stale := atomic.remove_stale(model_path.parent, recursive=False):
+        print(f"removed {len(stale)} temporary file(s) left by a killed run, e.g. {stale[0]}")
     total = sum(c["bytes"] for c in cmeta["counts"]["train"].values())
     p = 1.0 if not sample_bytes else min(1.0, sample_bytes / max(total, 1))
     used = {"docs": 0, "bytes": 0}
@@ -93,7 +109,7 @@ def train_on_split(clean_dir, model_path, cfg: TokenizerConfig | None = None, sa
     train(sample(), model_path, cfg)
     meta = {"vocab_size": cfg.vocab_size, "sample_docs": used["docs"], "sample_bytes": used["bytes"],
             "train_bytes_total": total, "seconds": round(time.time() - t0, 2)}
-    return stages.finish(marker, phash, meta)
+    return stages.finish(marker, phash, meta, outputs=[model_path])
 
 
 def longest_pieces(sp, n: int = 20) -> list[str]:

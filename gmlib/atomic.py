@@ -29,6 +29,19 @@ def atomic_path(path):
         raise
 
 
+def remove_stale(folder, recursive: bool = True) -> list[Path]:
+    """Delete the temporary files that atomic_path leaves when its process is killed (SIGKILL,
+    power loss: no `except` runs). Call it only where no other live process is writing; returns
+    what it removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in (folder.rglob if recursive else folder.glob)(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def write_bytes(path, data: bytes):
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(data)

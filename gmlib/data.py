@@ -91,8 +91,11 @@ class TokenShards:
         meta_path = self.root / "meta.json"
         if not meta_path.is_file():
             raise FileNotFoundError(f"{self.root}: no meta.json, so not a finished shard folder (was the writer killed?)")
-        self.meta = json.loads(meta_path.read_text())
-        if self.meta.get("format") != "gm-shards-v1":
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{meta_path}: unreadable ({e}); rerun 02_tokenizer to rebuild the shards") from e
+        if not isinstance(self.meta, dict) or self.meta.get("format") != "gm-shards-v1":
             raise ValueError(f"{meta_path}: unknown shard format {self.meta.get('format')!r}")
         self.vocab_size, self.sources = self.meta["vocab_size"], self.meta["sources"]
         self.n_tokens, self.n_docs = self.meta["n_tokens"], self.meta["n_docs"]
@@ -104,8 +107,13 @@ class TokenShards:
             if not path.is_file() or path.stat().st_size != expect:
                 raise ValueError(f"{path}: missing or truncated (expected {expect} bytes)")
             self.tokens.append(np.memmap(path, dtype=dtype, mode="r", shape=(s["n_tokens"],)))
-            with np.load(self.root / f"{s['name']}.idx.npz") as idx:
-                offs.append(idx["offsets"]); srcs.append(idx["sources"]); nbs.append(idx["nbytes"])
+            idx_path = self.root / f"{s['name']}.idx.npz"
+            try:
+                with np.load(idx_path) as idx:
+                    offs.append(idx["offsets"]); srcs.append(idx["sources"]); nbs.append(idx["nbytes"])
+            except (OSError, ValueError, EOFError, KeyError) as e:
+                raise ValueError(f"{idx_path}: missing or damaged document index ({type(e).__name__}: {e}); "
+                                 f"rerun 02_tokenizer to rebuild the shards") from e
         # global document table: (shard, start, end) for every document
         self.doc_shard = np.concatenate([np.full(len(o) - 1, i, np.int32) for i, o in enumerate(offs)]) if offs else np.zeros(0, np.int32)
         self.doc_start = np.concatenate([o[:-1] for o in offs]) if offs else np.zeros(0, np.int64)

@@ -85,9 +85,21 @@ class TrainConfig:
 
 
 def resolve_device(name: str) -> torch.device:
+    """"auto", "cpu", "cuda" or "cuda:N"; asking for a GPU where none is usable is a clear error
+    here rather than a CUDA trace from the first tensor moved."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={name!r}: not a device name; use 'auto', 'cpu' or 'cuda'") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch has no CUDA" if torch.version.cuda is None else "no GPU is visible (CUDA_VISIBLE_DEVICES?)"
+            raise RuntimeError(f"device={name!r} asked for a GPU, but {why}; use device='auto' or 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device={name!r}: only {torch.cuda.device_count()} GPU(s) visible")
+    return dev
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device) -> torch.optim.AdamW:
