@@ -342,7 +342,11 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
     if rank == 0:
         prev = out / "config.json"
         if prev.is_file():
-            old, new = _flat(json.loads(prev.read_text())["config"]), _flat(json.loads(json.dumps(cfg.to_dict())))
+            try:
+                old = _flat(json.loads(prev.read_text())["config"])
+            except (ValueError, KeyError, TypeError) as e:  # empty or cut short by a kill outside atomic writes
+                raise ValueError(f"{prev}: unreadable gm config ({e}); use a new out_dir or delete it") from e
+            new = _flat(json.loads(json.dumps(cfg.to_dict())))
             dflt = _flat(json.loads(json.dumps(GMConfig().to_dict())))  # a setting newer than the gm: its default
             if changed := sorted(k for k, v in new.items() if k.split(".")[-1] not in FREE and old.get(k, dflt.get(k)) != v):
                 raise ValueError(f"{prev}: this gm was made with other {changed}; use a new out_dir")
