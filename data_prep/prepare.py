@@ -54,7 +54,6 @@ class DataConfig:
         """Every setting checked here, once, for the notebooks and the scripts alike: types,
         ranges, known and distinct sources, and the cleaning and dedup settings inside."""
         checks.check_types(self, "DataConfig")
-        checks.check_types(self.clean, "DataConfig.clean")
         checks.check_types(self.dedup, "DataConfig.dedup")
         for name, spec in self.extra_sources.items():
             sources.register(name, spec)
@@ -78,15 +77,7 @@ class DataConfig:
         checks.at_least(self, "DataConfig", workers=1, batch_bytes=1)
         if self.max_bytes_per_source is not None:
             checks.at_least(self, "DataConfig", max_bytes_per_source=1)
-        c = self.clean
-        checks.at_least(c, "DataConfig.clean", min_words=0, min_stop_words=0, min_mean_word_len=0.0)
-        checks.fractions(c, "DataConfig.clean", "min_cyrillic", "max_foreign_cyrillic", "max_dup_line_frac",
-                         "min_line_punct", "max_newline_ratio")
-        if c.min_mean_word_len > c.max_mean_word_len:
-            raise ValueError(f"DataConfig.clean: min_mean_word_len={c.min_mean_word_len} > "
-                             f"max_mean_word_len={c.max_mean_word_len}")
-        if bad := [r for r in c.quality_roles if r not in sources.ROLES]:
-            raise ValueError(f"DataConfig.clean.quality_roles: unknown role(s) {bad}; known: {', '.join(sources.ROLES)}")
+        check_clean(self.clean, "DataConfig.clean")
         checks.fractions(self.dedup, "DataConfig.dedup", "threshold")
         return self
 
@@ -94,6 +85,18 @@ class DataConfig:
         """The cleaning config of one source: `clean` with its `source_rules` applied."""
         role = sources.SOURCES[name].role
         return self.clean.for_role(role).with_overrides(self.source_rules.get(name, {}), f"source_rules.{name}")
+
+
+def check_clean(c: CleanConfig, label: str):
+    """Types and ranges of the cleaning thresholds, and roles that exist."""
+    checks.check_types(c, label)
+    checks.at_least(c, label, min_words=0, min_stop_words=0, min_mean_word_len=0.0)
+    checks.fractions(c, label, "min_cyrillic", "max_foreign_cyrillic", "max_dup_line_frac", "min_line_punct",
+                     "max_newline_ratio")
+    if c.min_mean_word_len > c.max_mean_word_len:
+        raise ValueError(f"{label}: min_mean_word_len={c.min_mean_word_len} > max_mean_word_len={c.max_mean_word_len}")
+    if bad := [r for r in c.quality_roles if r not in sources.ROLES]:
+        raise ValueError(f"{label}.quality_roles: unknown role(s) {bad}; known: {', '.join(sources.ROLES)}")
 
 
 # --- 1. filter ------------------------------------------------------------------------------
