@@ -773,8 +773,9 @@ def run_stage(work: Path, stage: str, kill_at: float | None = None) -> dict:
         return {"killed": True}
 
 
-def stray_tmp(work: Path) -> int:
-    return sum(1 for _ in work.rglob(".*.tmp"))
+def temporaries(work: Path) -> list[str]:
+    """atomic_path's temporary files under `work` (left only by a killed writer)."""
+    return sorted(str(p.relative_to(work)) for p in work.rglob(".*.tmp"))
 
 
 def kill_resume(scratch: Path, trials: int, seed: int) -> dict:
@@ -795,19 +796,19 @@ def kill_resume(scratch: Path, trials: int, seed: int) -> dict:
         shutil.copytree(before[st], work)
         moment = float(rng.uniform(0.3, 0.95)) * secs[st]  # past most of the kernel start
         k = run_stage(work, st, kill_at=moment)
-        strays, present = stray_tmp(work), len(stage_files(work, st))
+        strays, present = temporaries(work), len(stage_files(work, st))
         t0 = time.time()
         run_stage(work, st)
         got = fingerprint(work, st)
         diff = sorted(f for f in set(ref[st]) | set(got) if ref[st].get(f) != got.get(f))
         rec = {"trial": i, "stage": STAGES[st], "moment_s": round(moment, 2), "reference_s": secs[st],
-               "killed": k["killed"], "outputs_present_at_kill": present, "stray_tmp_after_kill": strays, "stray_tmp_after_rerun": stray_tmp(work),
+               "killed": k["killed"], "outputs_present_at_kill": present, "stray_tmp_after_kill": strays, "stray_tmp_after_rerun": temporaries(work),
                "rerun_s": round(time.time() - t0, 2), "files_compared": len(ref[st]), "differing": diff[:5],
                "result": "identical" if not diff else "differs"}
         out.append(rec)
         print(f"trial {i:2d} {STAGES[st]:15s} killed at {moment:5.1f} s of {secs[st]:5.1f}: {rec['result']}"
-              f" ({present} of {len(ref[st])} files there at the kill; {strays} stray .tmp, "
-              f"{rec['stray_tmp_after_rerun']} after the rerun)",
+              f" ({present} of {len(ref[st])} files there at the kill; stray .tmp {strays}, "
+              f"after the rerun {rec['stray_tmp_after_rerun']})",
               flush=True)
         shutil.rmtree(work)
     return {"trials": len(out), "identical": sum(r["result"] == "identical" for r in out),

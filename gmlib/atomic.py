@@ -2,6 +2,7 @@
 A reader (or a rerun after a crash) sees either the old file or the new one, never half."""
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,10 +13,12 @@ os.umask(_UMASK)  # read the process umask once (os.umask can only be read by se
 
 @contextmanager
 def atomic_path(path):
-    """Yield a temporary path beside `path`; on success rename it over `path`."""
+    """Yield a temporary path beside `path` (.<name>.<pid>.<random>.tmp); on success rename it
+    over `path`. The writer's pid in the name lets remove_stale tell a killed writer's leftovers
+    from a live writer's file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
     try:
@@ -29,16 +32,32 @@ def atomic_path(path):
         raise
 
 
+_WRITER = re.compile(r"\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
 def remove_stale(folder, recursive: bool = True) -> list[Path]:
     """Delete the temporary files that atomic_path leaves when its process is killed (SIGKILL,
-    power loss: no `except` runs). Call it only where no other live process is writing; returns
-    what it removed."""
+    power loss: no `except` runs), keeping those of writers still alive (stages that share a
+    folder may run at the same time). Returns what it removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = [p for p in (folder.rglob if recursive else folder.glob)(".*.tmp") if p.is_file()]
-    for p in stale:
-        p.unlink(missing_ok=True)
+    stale = []
+    for p in (folder.rglob if recursive else folder.glob)(".*.tmp"):
+        m = _WRITER.search(p.name)
+        if p.is_file() and not (m and _alive(int(m.group(1)))):
+            p.unlink(missing_ok=True)
+            stale.append(p)
     return stale
 
 

@@ -40,6 +40,7 @@ class RunLog:
     def __init__(self, run_name: str, stage: str, tag: str | None = None):
         self.run_name, self.stage = run_name, f"{stage}.{tag}" if tag else stage
         self.dir = results_dir(run_name)
+        atomic.remove_stale(self.dir, recursive=False)  # a killed stage's half-written record files
         self.t0 = time.time()
 
     def save_params(self, params: dict):

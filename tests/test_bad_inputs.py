@@ -3,6 +3,9 @@ bench/bad_inputs.py publishes, plus the pieces behind them checked on their own:
 checks, stage markers that vouch for their outputs, stray temporary files, the runner's -p."""
 import gzip
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import pytest
@@ -80,10 +83,15 @@ def test_stray_temporary_files_are_removed(tmp_path):
             tmp.write_bytes(b"half")
             raise RuntimeError("a crash that python sees: atomic_path cleans up itself")
     assert not list(tmp_path.rglob("*.tmp"))
-    (tmp_path / "sub" / ".x.bin.k3j2.tmp").write_bytes(b"left by kill -9")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / "sub" / f".x.bin.{dead}.k3j2_a.tmp").write_bytes(b"left by kill -9")
+    (tmp_path / "sub" / f".y.bin.{os.getpid()}.k3j2_a.tmp").write_bytes(b"a live writer's")
+    (tmp_path / "sub" / ".z.bin.k3j2.tmp").write_bytes(b"no writer named: stale")
     (tmp_path / "keep.tmp").write_bytes(b"not ours: no leading dot")
-    assert [p.name for p in atomic.remove_stale(tmp_path)] == [".x.bin.k3j2.tmp"]
-    assert (tmp_path / "keep.tmp").is_file() and atomic.remove_stale(tmp_path / "none") == []
+    assert sorted(p.name for p in atomic.remove_stale(tmp_path)) == [f".x.bin.{dead}.k3j2_a.tmp", ".z.bin.k3j2.tmp"]
+    assert (tmp_path / "keep.tmp").is_file() and (tmp_path / "sub" / f".y.bin.{os.getpid()}.k3j2_a.tmp").is_file()
+    assert atomic.remove_stale(tmp_path / "none") == []
 
 
 def _gz(path, data: bytes):
