@@ -11,13 +11,14 @@ happened and the message; it is `ok` when that is the expected behaviour: a clea
 names the file or parameter, a skip counted in the read stats and the audit, or a stage rebuilt.
 tests/test_bad_inputs.py runs the same cases, so the published record and the test suite agree.
 
-Part 2, `kill_resume`: one uninterrupted run of notebooks 01-04 on demo-size data (three
-sources, 40 KB each) is the reference; then each trial copies the reference's state from before
+Part 2, `kill_resume`: one uninterrupted run of notebooks 01-04 on demo-size data (eight
+sources, 100 KB each) is the reference; then each trial copies the reference's state from before
 one notebook into a scratch folder, starts that notebook through run_notebooks.py, SIGKILLs the
-runner at a seeded random moment of its reference duration (the runner's watchdog then kills
-the kernel and its workers), reruns it, and compares its outputs with the reference: text and
-token files byte for byte, .npz arrays, checkpoint and expert tensors (timings in JSON markers
-are left out, since they differ on every run).
+runner at a seeded random moment while it writes its outputs (a random delay of up to 0.1 s
+after a random one of the writes the reference run made; the runner's watchdog then kills the
+kernel and its workers), reruns it, and compares its outputs with the reference: text and token
+files byte for byte, .npz arrays, checkpoint and expert tensors (timings in JSON markers are
+left out, since they differ on every run).
 """
 import argparse
 import gzip
@@ -49,10 +50,10 @@ CASES = []
 
 
 def case(name: str, expected: str, known_good: bool = False):
-    """Register fn(tmp: Path) -> (outcome, message); it raises AssertionError when the behaviour
-    is not the expected one."""
+    """Register fn(tmp: Path) -> (outcome, message) in the current GROUP; it raises
+    AssertionError when the behaviour is not the expected one."""
     def deco(fn):
-        CASES.append({"case": name, "expected": expected, "known_good": known_good, "fn": fn})
+        CASES.append({"case": name, "group": GROUP, "expected": expected, "known_good": known_good, "fn": fn})
         return fn
     return deco
 
@@ -124,6 +125,8 @@ def read(path) -> tuple[list, sources.ReadStats]:
 
 
 # --- reading ------------------------------------------------------------------------------
+
+GROUP = "reading a source"
 
 def _empty(tmp, data, raw):
     write_source(tmp / "data", data, raw=raw)
@@ -234,6 +237,8 @@ def missing_skip(tmp):
 
 
 # --- stages and their markers -------------------------------------------------------------
+
+GROUP = "stage outputs"
 
 def _built(tmp) -> tuple[Path, Path]:
     """A finished stage 01 (and a tokenizer + shards) in tmp/clean, tmp/tok.model, tmp/shards."""
@@ -365,6 +370,8 @@ def stray_tmp(tmp):
 
 # --- configs ------------------------------------------------------------------------------
 
+GROUP = "configs"
+
 def _cfg_error(tmp, needles, **kw):
     def go():
         cfg = data_cfg(tmp / "data", **{k: v for k, v in kw.items() if k != "clean"})
@@ -430,6 +437,8 @@ def vocab_too_large(tmp):
 
 
 # --- scripts/run_notebooks.py -------------------------------------------------------------
+
+GROUP = "run_notebooks.py"
 
 def _runner():
     import importlib.util
@@ -544,6 +553,8 @@ def term_runner(tmp):
 
 
 # --- the training side --------------------------------------------------------------------
+
+GROUP = "training side"
 
 def _tiny_shards(tmp, vocab=300):
     from gmlib.data import ShardWriter, TokenShards
@@ -669,7 +680,7 @@ def run_case(c: dict, scratch: Path) -> dict:
     """One case in its own scratch folder; the record published for it."""
     tmp = scratch / c["fn"].__name__
     tmp.mkdir(parents=True)
-    rec = {"case": c["case"], "expected": c["expected"], "known_good": c["known_good"]}
+    rec = {"case": c["case"], "group": c["group"], "expected": c["expected"], "known_good": c["known_good"]}
     try:
         outcome, message = c["fn"](tmp)
         rec.update(outcome=outcome, message=message, ok=True)
@@ -694,8 +705,10 @@ def run_cases(scratch: Path) -> list[dict]:
 # --- part 2: kill and resume --------------------------------------------------------------
 
 STAGES = {"01": "01_data", "02": "02_tokenizer", "03": "03_train_dense", "04": "04_train_gm"}
-DEMO = {  # demo-size: three sources of 40 KB, a 600-piece tokenizer, 60 steps of the tiny model
-    "01": {"sources": "[wiki_leipzig, news_rt, books_ruslit]", "max_bytes_per_source": "40000"},
+DEMO = {  # demo-size: eight sources of 100 KB, a 600-piece tokenizer, 60 steps of the tiny model
+    "01": {"sources": "[blogs_habr, books_progit2_ru, books_ruslit, news_rt, social_ruarg_comments, "
+                      "social_telegram_news, wiki_articles_xlplagiarism, wiki_leipzig]",
+           "max_bytes_per_source": "100000"},
     "02": {"vocab_size": "600"},
     "03": {"max_steps": "60", "ckpt_every": "10", "eval_every": "30"},
     "04": {"tokens": "80000", "n_experts": "2", "segment_steps": "10", "compare_routers": "false"}}
@@ -749,28 +762,37 @@ def fingerprint(work: Path, stage: str) -> dict:
     return {str(f.relative_to(work)): _digest(f) for f in _newest_versions(stage_files(work, stage))}
 
 
-def run_stage(work: Path, stage: str, kill_at: float | None = None) -> dict:
-    """Run one notebook through run_notebooks.py with work/ and results/ in `work`; with
-    kill_at, SIGKILL the runner that many seconds after its start (if it is still running)."""
+def run_stage(work: Path, stage: str, kill_after: tuple | None = None) -> dict:
+    """Run one notebook through run_notebooks.py with work/ and results/ in `work`, counting
+    the writes of its outputs it sees (a file appearing or changing, polled every 20 ms); with
+    kill_after=(k, delay), SIGKILL the runner `delay` seconds after the k-th write."""
     # one torch thread: less contention on a shared CPU (and the same arithmetic in every run)
     env = {**os.environ, "GM_WORK_DIR": str(work), "GM_RESULTS_DIR": str(work / "results"), "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, str(REPO / "scripts" / "run_notebooks.py"), "--run-name", "kr_run", "--only", stage,
             "-p", "data_name", "kr", *[a for k, v in DEMO[stage].items() for a in ("-p", k, v)]]
-    t0 = time.time()
-    p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if kill_at is None:
-        out = p.communicate()[0]
-        if p.returncode != 0:
-            raise RuntimeError(f"{STAGES[stage]} failed:\n{out[-3000:]}")
-        return {"seconds": round(time.time() - t0, 2)}
-    try:
-        p.wait(timeout=kill_at)
-        return {"killed": False, "finished_before_kill": True}
-    except subprocess.TimeoutExpired:
-        os.kill(p.pid, signal.SIGKILL)
-        p.communicate()
-        time.sleep(0.5)  # the watchdog's kill of the kernel and its workers
-        return {"killed": True}
+    t0, writes, killed_at = time.time(), set(), None
+    with open(work / f"runner_{stage}.log", "a") as log:
+        p = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        while p.poll() is None:
+            for f in stage_files(work, stage):
+                try:
+                    writes.add((f, f.stat().st_mtime_ns))
+                except FileNotFoundError:  # replaced between the listing and the stat
+                    pass
+            if kill_after and len(writes) >= kill_after[0]:
+                time.sleep(kill_after[1])
+                if p.poll() is None:
+                    os.kill(p.pid, signal.SIGKILL)
+                    killed_at = time.time() - t0
+                p.wait()
+                time.sleep(0.5)  # the watchdog's kill of the kernel and its workers
+                break
+            time.sleep(0.02)
+    if not kill_after and p.returncode != 0:
+        raise RuntimeError(f"{STAGES[stage]} failed; see {work / f'runner_{stage}.log'}:\n"
+                           + (work / f"runner_{stage}.log").read_text()[-3000:])
+    return {"seconds": round(time.time() - t0, 2), "writes": len(writes), "killed": killed_at is not None,
+            "moment_s": None if killed_at is None else round(killed_at, 2)}
 
 
 def temporaries(work: Path) -> list[str]:
@@ -782,31 +804,36 @@ def kill_resume(scratch: Path, trials: int, seed: int) -> dict:
     """The reference run, then `trials` kills spread over 01-04 at seeded random moments."""
     rng = np.random.default_rng(seed)
     ref_work = scratch / "reference"
-    before, ref, secs = {}, {}, {}
+    before, ref, secs, writes = {}, {}, {}, {}
+    ref_work.mkdir(parents=True)
     for st in STAGES:
         before[st] = scratch / f"before_{st}"
-        shutil.copytree(ref_work, before[st]) if ref_work.exists() else before[st].mkdir(parents=True)
-        secs[st] = run_stage(ref_work, st)["seconds"]
-        ref[st] = fingerprint(ref_work, st)
-        print(f"reference {STAGES[st]}: {secs[st]} s, {len(ref[st])} output files", flush=True)
+        shutil.copytree(ref_work, before[st])
+        r = run_stage(ref_work, st)
+        secs[st], writes[st], ref[st] = r["seconds"], r["writes"], fingerprint(ref_work, st)
+        print(f"reference {STAGES[st]}: {secs[st]} s, {len(ref[st])} output files, {writes[st]} writes seen", flush=True)
     order = [list(STAGES)[i % len(STAGES)] for i in range(trials)]
     out = []
     for i, st in enumerate(order):
         work = scratch / f"trial_{i:02d}"
         shutil.copytree(before[st], work)
-        moment = float(rng.uniform(0.3, 0.95)) * secs[st]  # past most of the kernel start
-        k = run_stage(work, st, kill_at=moment)
+        # the moment: a random delay after a random one of the writes the reference run made,
+        # so the kill lands while the stage writes (not while the kernel starts or figures draw)
+        after, delay = int(rng.integers(1, writes[st] + 1)), float(rng.uniform(0.0, 0.1))
+        k = run_stage(work, st, kill_after=(after, delay))
         strays, present = temporaries(work), len(stage_files(work, st))
         t0 = time.time()
         run_stage(work, st)
         got = fingerprint(work, st)
         diff = sorted(f for f in set(ref[st]) | set(got) if ref[st].get(f) != got.get(f))
-        rec = {"trial": i, "stage": STAGES[st], "moment_s": round(moment, 2), "reference_s": secs[st],
+        rec = {"trial": i, "stage": STAGES[st], "moment_s": k["moment_s"], "after_write": after,
+               "delay_s": round(delay, 3), "reference_writes": writes[st], "reference_s": secs[st],
                "killed": k["killed"], "outputs_present_at_kill": present, "stray_tmp_after_kill": strays, "stray_tmp_after_rerun": temporaries(work),
                "rerun_s": round(time.time() - t0, 2), "files_compared": len(ref[st]), "differing": diff[:5],
                "result": "identical" if not diff else "differs"}
         out.append(rec)
-        print(f"trial {i:2d} {STAGES[st]:15s} killed at {moment:5.1f} s of {secs[st]:5.1f}: {rec['result']}"
+        print(f"trial {i:2d} {STAGES[st]:15s} killed at {k['moment_s']} s (write {after} of {writes[st]} + {delay:.2f} s): "
+              f"{rec['result']}"
               f" ({present} of {len(ref[st])} files there at the kill; stray .tmp {strays}, "
               f"after the rerun {rec['stray_tmp_after_rerun']})",
               flush=True)
@@ -814,6 +841,25 @@ def kill_resume(scratch: Path, trials: int, seed: int) -> dict:
     return {"trials": len(out), "identical": sum(r["result"] == "identical" for r in out),
             "killed_mid_run": sum(r["killed"] for r in out), "seed": seed, "reference_seconds": secs,
             "per_trial": out}
+
+
+def summary(cases: list[dict], kr: dict | None) -> str:
+    """The README's two short tables: cases per group, trials per stage."""
+    lines = ["| bad input | cases | of which worked before | ok |", "|---|---|---|---|"]
+    for g in dict.fromkeys(c["group"] for c in cases):
+        cs = [c for c in cases if c["group"] == g]
+        lines.append(f"| {g} | {len(cs)} | {sum(c['known_good'] for c in cs)} | {sum(c['ok'] for c in cs)} |")
+    lines.append(f"| all | {len(cases)} | {sum(c['known_good'] for c in cases)} | {sum(c['ok'] for c in cases)} |")
+    if kr:
+        lines += ["", "| SIGKILL during | trials | at (s) of the uninterrupted run's | outputs there at the kill "
+                  "| resumed output identical |", "|---|---|---|---|---|"]
+        for st, secs in kr["reference_seconds"].items():
+            ts = [t for t in kr["per_trial"] if t["stage"] == STAGES[st]]
+            moments = ", ".join(f"{t['moment_s']:.1f}" if t["killed"] else "not killed" for t in ts)
+            present = ", ".join(f"{t['outputs_present_at_kill']}/{t['files_compared']}" for t in ts)
+            lines.append(f"| {STAGES[st]} | {len(ts)} | {moments} of {secs:.1f} | {present} | "
+                         f"{sum(t['result'] == 'identical' for t in ts)} of {len(ts)} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
@@ -832,6 +878,8 @@ def main(argv=None):
             kr = kill_resume(Path(scratch) / "kill", args.trials, args.seed)
             atomic.write_json(out / "kill_resume.json", kr)
             print(f"{kr['identical']} of {kr['trials']} trials identical -> {out / 'kill_resume.json'}")
+        atomic.write_text(out / "summary.md", summary(recs, None if args.cases_only else kr))
+        print(summary(recs, None if args.cases_only else kr))
     ok = all(r["ok"] for r in recs) and (args.cases_only or kr["identical"] == kr["trials"])
     sys.exit(0 if ok else 1)
 

@@ -137,7 +137,8 @@ def main(argv=None):
     ap.add_argument("--notebooks", type=Path, default=REPO / "notebooks", help="the folder of NN_*.ipynb to run")
     args = ap.parse_args(argv)
 
-    notebooks = sorted(args.notebooks.glob("[0-9][0-9]_*.ipynb"))
+    everything = sorted(args.notebooks.glob("[0-9][0-9]_*.ipynb"))
+    notebooks = everything
     if args.only:
         notebooks = [nb for nb in notebooks if nb.name[:2] in args.only]
     if not notebooks:
@@ -145,7 +146,6 @@ def main(argv=None):
     out_dir = results_dir(args.run_name)
     from_file = read_yaml(args.params_file) if args.params_file else {}
     from_cli = {k: yaml.safe_load(v) for k, v in args.param}
-    everything = sorted(args.notebooks.glob("[0-9][0-9]_*.ipynb"))
     check_shared(notebooks, from_file, str(args.params_file), everything)
     check_shared(notebooks, from_cli, "-p", everything)
     start_watchdog()
