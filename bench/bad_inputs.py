@@ -821,7 +821,7 @@ def kill_resume(scratch: Path, trials: int, seed: int) -> dict:
         # so the kill lands while the stage writes (not while the kernel starts or figures draw)
         after, delay = int(rng.integers(1, writes[st] + 1)), float(rng.uniform(0.0, 0.1))
         k = run_stage(work, st, kill_after=(after, delay))
-        strays, present = temporaries(work), len(stage_files(work, st))
+        strays, present = temporaries(work), len(_newest_versions(stage_files(work, st)))
         t0 = time.time()
         run_stage(work, st)
         got = fingerprint(work, st)
@@ -851,12 +851,12 @@ def summary(cases: list[dict], kr: dict | None) -> str:
         lines.append(f"| {g} | {len(cs)} | {sum(c['known_good'] for c in cs)} | {sum(c['ok'] for c in cs)} |")
     lines.append(f"| all | {len(cases)} | {sum(c['known_good'] for c in cases)} | {sum(c['ok'] for c in cases)} |")
     if kr:
-        lines += ["", "| SIGKILL during | trials | at (s) of the uninterrupted run's | outputs there at the kill "
+        lines += ["", "| SIGKILL during | trials | at (s) of the uninterrupted run's | after output write "
                   "| resumed output identical |", "|---|---|---|---|---|"]
         for st, secs in kr["reference_seconds"].items():
             ts = [t for t in kr["per_trial"] if t["stage"] == STAGES[st]]
             moments = ", ".join(f"{t['moment_s']:.1f}" if t["killed"] else "not killed" for t in ts)
-            present = ", ".join(f"{t['outputs_present_at_kill']}/{t['files_compared']}" for t in ts)
+            present = ", ".join(f"{t['after_write']}/{t['reference_writes']}" for t in ts)
             lines.append(f"| {STAGES[st]} | {len(ts)} | {moments} of {secs:.1f} | {present} | "
                          f"{sum(t['result'] == 'identical' for t in ts)} of {len(ts)} |")
     return "\n".join(lines) + "\n"

@@ -340,6 +340,7 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
         torch.cuda.set_device(dev)
     own = [e for e in range(cfg.n_experts) if e % world_size == rank]
     if rank == 0:
+        atomic.remove_stale(out)  # a killed run's half-written files (other ranks write after the barrier below)
         prev = out / "config.json"
         if prev.is_file():
             try:

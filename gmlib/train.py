@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, fp8
+from . import atomic, checkpoint, fp8
 from .data import TokenShards, WindowSampler
 from .model import GPT, GPTConfig
 
@@ -379,6 +379,8 @@ def setup(model_cfg: GPTConfig, cfg: TrainConfig, shards_dir, ckpt_path=None, re
     T = model_cfg.seq_len
     tr = Trainer(model, cfg, WindowSampler(train, T, cfg.batch_size, seed=cfg.seed),
                  WindowSampler(val, T, cfg.batch_size, seed=VAL_SEED) if val else None, ckpt_path=ckpt_path)
+    if ckpt_path:
+        atomic.remove_stale(Path(ckpt_path).parent, recursive=False)  # a save cut short by a kill
     if resume and ckpt_path and Path(ckpt_path).is_file():
         tr.resume(ckpt_path)
     return tr

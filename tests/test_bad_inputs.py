@@ -139,3 +139,16 @@ def test_runner_passes_each_name_only_where_declared(tmp_path):
     with pytest.raises(SystemExit, match="'lr' is declared by none of the selected notebooks \\(01_data, 02_tokenizer\\); "
                                          "it is a parameter of 03_train_dense, 04_train_gm"):
         rn.check_shared(nb[:2], {"lr": 1e-3}, "-p", nb)
+
+
+def test_training_clears_a_killed_save(tmp_path):
+    from gmlib import train
+    from gmlib.model import make_config
+    bench._tiny_shards(tmp_path)
+    ckpt = tmp_path / "models" / "m" / "checkpoint.safetensors"
+    ckpt.parent.mkdir(parents=True)
+    stray = ckpt.parent / ".checkpoint.safetensors.999999999.abcd_123.tmp"  # no such pid: its writer is dead
+    stray.write_bytes(b"half a checkpoint")
+    train.setup(make_config("tiny", vocab_size=300), train.TrainConfig(max_steps=1, batch_size=2, device="cpu"),
+                tmp_path / "shards", ckpt_path=ckpt)
+    assert not stray.exists()
