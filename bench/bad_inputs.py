@@ -851,13 +851,13 @@ def summary(cases: list[dict], kr: dict | None) -> str:
         lines.append(f"| {g} | {len(cs)} | {sum(c['known_good'] for c in cs)} | {sum(c['ok'] for c in cs)} |")
     lines.append(f"| all | {len(cases)} | {sum(c['known_good'] for c in cases)} | {sum(c['ok'] for c in cases)} |")
     if kr:
-        lines += ["", "| SIGKILL during | trials | at (s) of the uninterrupted run's | after output write "
-                  "| resumed output identical |", "|---|---|---|---|---|"]
+        lines += ["", "| SIGKILL during | trials | at (s) | uninterrupted run (s) | after output write "
+                  "| resumed output identical |", "|---|---|---|---|---|---|"]
         for st, secs in kr["reference_seconds"].items():
             ts = [t for t in kr["per_trial"] if t["stage"] == STAGES[st]]
             moments = ", ".join(f"{t['moment_s']:.1f}" if t["killed"] else "not killed" for t in ts)
             present = ", ".join(f"{t['after_write']}/{t['reference_writes']}" for t in ts)
-            lines.append(f"| {STAGES[st]} | {len(ts)} | {moments} of {secs:.1f} | {present} | "
+            lines.append(f"| {STAGES[st]} | {len(ts)} | {moments} | {secs:.1f} | {present} | "
                          f"{sum(t['result'] == 'identical' for t in ts)} of {len(ts)} |")
     return "\n".join(lines) + "\n"
 
@@ -867,9 +867,14 @@ def main(argv=None):
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cases-only", action="store_true")
+    ap.add_argument("--summary-only", action="store_true", help="rewrite summary.md from the saved records")
     ap.add_argument("--out", type=Path, default=None, help="default: results/reliability/")
     args = ap.parse_args(argv)
     out = args.out or results_dir("reliability")
+    if args.summary_only:
+        recs, kr = (json.loads((out / f).read_text()) for f in ("bad_inputs.json", "kill_resume.json"))
+        atomic.write_text(out / "summary.md", summary(recs, kr))
+        return print(summary(recs, kr))
     with tempfile.TemporaryDirectory(prefix="gm_bad_inputs_") as scratch:
         recs = run_cases(Path(scratch) / "cases")
         atomic.write_json(out / "bad_inputs.json", recs)
