@@ -4,13 +4,14 @@ A config's own validate() (or __post_init__) calls these once, so a notebook par
 file and a script's -s option all get the same message, naming the field and what it needs:
 `DataConfig.workers='two': expected int` rather than a TypeError three calls deeper.
 """
+import numbers
 import types
 import typing
 from dataclasses import fields
 
 
 def _accepts(tp, value) -> bool:
-    """Whether `value` fits the annotation `tp` (int for float is fine; bool is not an int here)."""
+    """Whether `value` fits the annotation `tp` (an int for a float is fine; a bool is not an int here)."""
     if tp is typing.Any:
         return True
     origin = typing.get_origin(tp)
@@ -20,10 +21,10 @@ def _accepts(tp, value) -> bool:
         return value is None
     if origin is not None:  # list[str], dict[str, float]: the container is checked, not its items
         tp = origin
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is float:  # numbers.*: numpy scalars count too
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if tp in (list, tuple):
         return isinstance(value, (list, tuple))  # YAML has no tuples
     return isinstance(value, tp) if isinstance(tp, type) else True

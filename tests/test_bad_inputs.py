@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 
 from data_prep import sources, stages
@@ -54,6 +55,7 @@ def test_check_types_names_the_field(kw, needle):
 
 def test_check_types_accepts_what_yaml_gives():
     checks.check_types(Toy(n=3, x=2, name="a", roles=["a", "b"], w={"a": 1}), "Toy")  # int for float, list for tuple
+    checks.check_types(Toy(n=np.int64(3), x=np.float32(0.5)), "Toy")                  # numpy scalars
     checks.at_least(Toy(n=1), "Toy", n=1)
     with pytest.raises(ValueError, match=r"Toy.x=1.5: must be a fraction in \[0, 1\]"):
         checks.fractions(Toy(x=1.5), "Toy", "x")
