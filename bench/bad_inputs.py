@@ -711,7 +711,8 @@ DEMO = {  # demo-size: eight sources of 100 KB, a 600-piece tokenizer, 60 steps 
            "max_bytes_per_source": "100000"},
     "02": {"vocab_size": "600"},
     "03": {"max_steps": "60", "ckpt_every": "10", "eval_every": "30"},
-    "04": {"tokens": "80000", "n_experts": "2", "segment_steps": "10", "compare_routers": "false"}}
+    # 04: 03's budget, since the gm's seed is 03's branch checkpoint (seed_from)
+    "04": {"tokens": str(60 * 8 * 128), "n_experts": "2", "segment_steps": "10", "compare_routers": "false"}}
 
 
 def _digest(p: Path) -> str:
