@@ -52,16 +52,11 @@ class DataConfig:
 
     def validate(self):
         """Every setting checked here, once, for the notebooks and the scripts alike: types,
-        ranges, known and distinct sources, and the cleaning and dedup settings inside."""
+        ranges, known and distinct sources, and the cleaning settings of every source."""
         checks.check_types(self, "DataConfig")
         checks.check_types(self.dedup, "DataConfig.dedup")
         for name, spec in self.extra_sources.items():
             sources.register(name, spec)
-        bad = [s for s in self.source_rules if s not in self.sources]
-        if bad:
-            raise ValueError(f"source_rules: source(s) {bad} are not in sources")
-        for s in self.source_rules:
-            self.clean_for(s)  # raises on an unknown setting or rule
         unknown = [s for s in [*self.sources, *self.weights] if s not in sources.SOURCES]
         if unknown:
             raise ValueError(f"DataConfig: unknown source(s) {unknown}; known: {', '.join(sources.CORPUS)}")
@@ -69,6 +64,11 @@ class DataConfig:
             raise ValueError(f"DataConfig.sources: {dups} listed more than once (a weight > 1 repeats a source)")
         if not self.sources:
             raise ValueError("DataConfig.sources: empty; name at least one source")
+        bad = [s for s in self.source_rules if s not in self.sources]
+        if bad:
+            raise ValueError(f"source_rules: source(s) {bad} are not in sources")
+        for s in self.source_rules:  # with_overrides raises on an unknown setting or rule
+            check_clean(self.clean_for(s), f"DataConfig.source_rules.{s}")
         if self.on_missing not in ("error", "skip"):
             raise ValueError(f"DataConfig.on_missing must be 'error' or 'skip', not {self.on_missing!r}")
         split.split_of("", self.val_frac, self.test_frac)  # raises on bad fractions
