@@ -154,3 +154,10 @@ def test_training_clears_a_killed_save(tmp_path):
     train.setup(make_config("tiny", vocab_size=300), train.TrainConfig(max_steps=1, batch_size=2, device="cpu"),
                 tmp_path / "shards", ckpt_path=ckpt)
     assert not stray.exists()
+
+
+def test_per_source_cleaning_settings_are_checked_too():
+    from data_prep.prepare import DataConfig
+    cfg = DataConfig(sources=["wiki_leipzig"], source_rules={"wiki_leipzig": {"min_line_punct": 2.0}})
+    with pytest.raises(ValueError, match=r"DataConfig.source_rules.wiki_leipzig.min_line_punct=2.0: must be a fraction"):
+        cfg.validate()
