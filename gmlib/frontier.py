@@ -31,6 +31,8 @@ COLUMNS = ["budget", "budget_flops_6nd", "model", "kind", "family", "tokens", "f
            "delta_macro_vs_best_dense", "delta_macro_ci_lo", "delta_macro_ci_hi", "max_doc_tokens", "n_docs",
            "device", "commit", "date"]
 KEY = ["budget", "model"]
+TOLERANCE = 0.01   # how far a model's 6ND compute may be from its budget's (rounding to whole steps)
+SAME = ["n_docs", "max_doc_tokens", "best_dense"]  # what every row of one budget must share
 
 
 def read(path) -> pd.DataFrame:
@@ -44,12 +46,17 @@ def read(path) -> pd.DataFrame:
 
 
 def update(path, rows: pd.DataFrame) -> pd.DataFrame:
-    """Add `rows` to the ledger at `path`, replacing rows with the same (budget, model); atomic."""
+    """Add `rows` to the ledger at `path`, replacing rows with the same (budget, model); atomic. Refused
+    when a budget would then hold rows scored on other documents or against another reference."""
     if missing := [c for c in COLUMNS if c not in rows.columns]:
         raise ValueError(f"frontier rows lack columns {missing}")
     old = read(path)
     keep = ~old.set_index(KEY).index.isin(rows.set_index(KEY).index) if len(old) else []
     df = pd.concat([old[keep], rows[COLUMNS]], ignore_index=True) if len(old) else rows[COLUMNS].copy()
+    for b, g in df.groupby("budget"):  # rows of one budget come from one scoring: same documents, same reference
+        if bad := [c for c in SAME if g[c].astype(str).nunique() > 1]:
+            raise ValueError(f"{path}: budget {b!r} would mix rows with different {bad}; evaluate all of the "
+                             f"budget's models together (05's merge_earlier) or give the new ones another budget")
     df = df.sort_values(["budget_flops_6nd", "kind", "model"], kind="stable", ignore_index=True)
     atomic.write_text(Path(path), df.to_csv(index=False))
     return df
@@ -100,15 +107,23 @@ def rows(doc_rows: pd.DataFrame, info: dict, model_facts: dict, budget: str, bud
     scored by gmlib.evaluate.quality_from_docs with the best dense model (lowest macro bpb) as the
     reference of the paired differences. model_facts: {model: facts(...)}; info: 05's
     {model: params_total, params_active, train_gpu_seconds}; stamp: device, commit, date."""
-    q = evaluate.quality_from_docs(doc_rows, info, n_boot, seed).set_index("model")
-    dense = [n for n in q.index if model_facts[n]["kind"] == "dense"]
-    best = q.loc[dense, "bpb_macro"].idxmin() if dense else None
+    per_source = doc_rows.groupby(["model", "source"])[["bits", "n_bytes"]].sum()
+    macro = (per_source["bits"] / per_source["n_bytes"]).groupby("model").mean()  # what quality_from_docs reports
+    dense = [n for n in macro.index if model_facts[n]["kind"] == "dense"]
+    best = macro[dense].idxmin() if dense else None
     if best is not None:  # the reference goes first: quality_from_docs pairs every model with it
-        order = [best] + [n for n in q.index if n != best]
+        order = [best] + [n for n in dict.fromkeys(doc_rows["model"]) if n != best]
         doc_rows = pd.concat([doc_rows[doc_rows["model"] == n] for n in order], ignore_index=True)
-        q = evaluate.quality_from_docs(doc_rows, info, n_boot, seed).set_index("model")
+    q = evaluate.quality_from_docs(doc_rows, info, n_boot, seed).set_index("model")
     if budget_flops_6nd is None:
         budget_flops_6nd = model_facts[best]["flops_6nd"] if best is not None else np.nan
+    for n, f in model_facts.items():  # a model trained with more compute than the budget is not at this budget
+        flops = f.get("flops_6nd")
+        over = flops is not None and np.isfinite(budget_flops_6nd) and flops > budget_flops_6nd * (1 + TOLERANCE)
+        off = f["kind"] == "dense" and flops is not None and abs(flops / budget_flops_6nd - 1) > TOLERANCE
+        if n in q.index and (over or off):
+            raise ValueError(f"{n}: trained {flops:.4g} 6ND FLOPs, not the budget {budget}'s {budget_flops_6nd:.4g} "
+                             f"(more than {TOLERANCE:.0%} off); evaluate it at its own budget")
     out = []
     for n, r in q.iterrows():
         row = {c: np.nan for c in COLUMNS}

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -372,6 +373,9 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
     if branch and not cfg.seed_from and cfg.train.schedule == "wsd" and branch > stable_until(cfg.train, plan["total_steps"]):
         raise ValueError(f"GMConfig: the branch step {branch} lies in the twin's decay (from step "
                          f"{stable_until(cfg.train, plan['total_steps'])}); need seed_fraction <= 1 - decay_frac")
+    if branch and cfg.train.schedule == "cosine" and cfg.n_experts > 1:
+        warnings.warn("train_gm: branching under a cosine schedule: each expert's cosine runs over its own "
+                      "branch + own steps, so its learning rate drops at the branch; schedule 'wsd' continues it")
     if branch:
         if rank == 0 and not rk.record_path(SEED).is_file():
             if cfg.seed_from:

@@ -11,7 +11,9 @@ a cache folder (notebook 04 uses work/<data_name>/routing/) and reused:
   routed/<key>/    train/ and val/ routed by a router state and an assignment (gmlib.assign's
                    route_shards, which checks its own key); a gm gets hard links of these files.
 A hit returns exactly what a fresh computation would: the cached router's fingerprint is part of
-every routed key, and route_shards refuses to reuse a folder whose key differs.
+every routed key, and route_shards refuses to reuse a folder whose key differs. The keys cannot see
+the code, so VERSION is part of them. One writer per cache at a time: gm jobs that run side by side
+on several GPUs should not share a cache folder they are still filling (no lock is taken).
 """
 import hashlib
 import json
@@ -24,6 +26,10 @@ import numpy as np
 from . import atomic
 from .data import TokenShards
 from .router import load_router, make_router, route_shards
+
+# part of every key: raise it when fitting, assignment or routing change what they compute, so that
+# routings made by older code are not reused (the keys cannot see the code)
+VERSION = 1
 
 
 def shards_key(shards: TokenShards) -> str:
@@ -42,7 +48,8 @@ def fit(kind: str, n_experts: int, train: TokenShards, cache: Path | None, **cfg
         return router, router.assign(train)
     if cache is None:
         return fresh()
-    settings = json.dumps({"kind": kind, "n_experts": n_experts, "cfg": cfg, "shards": shards_key(train)}, sort_keys=True)
+    settings = json.dumps({"kind": kind, "n_experts": n_experts, "cfg": cfg, "shards": shards_key(train),
+                           "version": VERSION}, sort_keys=True)
     d = Path(cache) / "routers" / hashlib.sha256(settings.encode()).hexdigest()[:16]
     if (d / "router" / "router.json").is_file() and (d / "assign.npy").is_file():
         return load_router(d / "router"), np.load(d / "assign.npy")
@@ -73,7 +80,7 @@ def route(router, shards: TokenShards, out_root: Path, cache: Path | None, assig
     if cache is None:
         return route_shards(router, shards, out_root, assign=assign)
     a = "" if assign is None else hashlib.sha256(np.asarray(assign, np.int64).tobytes()).hexdigest()[:16]
-    d = Path(cache) / "routed" / f"{router.fingerprint()}-{shards_key(shards)}-{a or 'own'}"
+    d = Path(cache) / "routed" / f"v{VERSION}-{router.fingerprint()}-{shards_key(shards)}-{a or 'own'}"
     route_shards(router, shards, d, assign=assign)   # reuses d when its key matches
     _link_tree(d, Path(out_root))
     return [Path(out_root) / p.name for p in sorted(d.glob("expert_*"))]

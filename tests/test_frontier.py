@@ -73,3 +73,19 @@ def test_read_refuses_a_file_that_is_not_a_ledger(tmp_path):
     (tmp_path / "x.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="not a frontier ledger"):
         frontier.read(tmp_path / "x.csv")
+
+
+def test_rows_refuse_a_model_trained_with_more_than_the_budget():
+    facts = {**FACTS, "g": {**FACTS["g"], "flops_6nd": 8e15}}   # a gm with K times its twin's compute
+    with pytest.raises(ValueError, match="g: trained 8e\\+15"):
+        frontier.rows(_docs(), INFO, facts, "B1", None, {"device": "cpu", "commit": "x", "date": "d"}, n_boot=20)
+
+
+def test_update_refuses_to_mix_scorings_within_a_budget(tmp_path):
+    path = tmp_path / "runs.csv"
+    a, b = _row("B1", "dense", "dense", 1.0, 1e15), _row("B1", "gm", "gm", 1.1, 1e15, "r1")
+    a.update(n_docs=10, best_dense="dense")
+    b.update(n_docs=12, best_dense="dense")  # scored on other documents
+    frontier.update(path, pd.DataFrame([a]))
+    with pytest.raises(ValueError, match="mix rows with different \\['n_docs'\\]"):
+        frontier.update(path, pd.DataFrame([b]))
