@@ -530,8 +530,10 @@ def mixture_loader(gm_root):
     evaluate.LOADERS["gm"] = gm.mixture_loader(work_dir(run_name) / "gm").
     A spec with "expert": e gives that expert alone (a SingleLM, charged its own training seconds);
     one with "seed": True the seed run alone (charged the seed run's seconds)."""
+    memos = {}  # one remembered router per gm: its mixtures (k, pool, eta) route the same prefixes
+
     def load(spec: dict, device):
-        from .mixture import MixtureConfig, MixtureLM, SingleLM
+        from .mixture import MixtureConfig, MixtureLM, ScoreMemo, SingleLM
         if spec.get("seed"):
             model, acct = load_seed(Path(gm_root) / spec["run"], device)
             lm = SingleLM(model)
@@ -548,6 +550,7 @@ def mixture_loader(gm_root):
         # log-linear pooling uses every weighted expert on each window batch: keep them all
         router, load_expert, info = load_gm(Path(gm_root) / spec["run"], device,
                                             pool=n if mc.pool == "log-linear" else max(2, mc.k))
+        router = memos.setdefault(spec["run"], ScoreMemo(router))
         lm = MixtureLM(load_expert, info["n_experts"], router, mc, expert_n_params=info["params_per_expert"])
         lm.train_gpu_seconds = info["accounting"]["gpu_seconds"]
         return lm

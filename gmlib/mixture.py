@@ -57,6 +57,7 @@ its own targets, each later window moves by `stride` (default seq_len/2) and sco
 targets, so every token after the first window has at least seq_len - stride tokens of context.
 The same rule applies to every model and every expert.
 """
+import hashlib
 from dataclasses import dataclass, fields
 from typing import Callable, Protocol, Sequence
 
@@ -285,6 +286,30 @@ def _topk_mask(logp: np.ndarray, k: int) -> np.ndarray:
     out = np.full_like(logp, -np.inf)
     np.put_along_axis(out, idx, np.take_along_axis(logp, idx, -1), -1)
     return out
+
+
+class ScoreMemo:
+    """A router whose prefix scores are remembered. The mixtures of one gm that differ only in k,
+    pooling or eta route the same prefixes of the same documents, and scoring a prefix (features of
+    up to max_tokens tokens, on the CPU) costs more than looking it up: the frontier's evaluation
+    scores six mixtures of each gm. Exact: a prefix is known by its length and a hash of its tokens.
+    Every other attribute is the router's."""
+
+    def __init__(self, router: Router):
+        self.router, self.memo = router, {}
+        self._score = getattr(router, "prefix_scores", None) or router.scores
+
+    def prefix_scores(self, prefixes) -> np.ndarray:
+        keys = [(len(p), hashlib.blake2b(np.ascontiguousarray(p, np.int64).tobytes(), digest_size=16).digest())
+                for p in prefixes]
+        todo = [i for i, k in enumerate(keys) if k not in self.memo]
+        if todo:
+            for i, row in zip(todo, np.asarray(self._score([prefixes[i] for i in todo]), np.float64)):
+                self.memo[keys[i]] = row
+        return np.stack([self.memo[k] for k in keys]) if keys else np.zeros((0, self.router.n_experts))
+
+    def __getattr__(self, name):
+        return getattr(self.router, name)
 
 
 class MixtureLM:

@@ -209,3 +209,16 @@ def test_with_the_projects_router():
     assert np.allclose(w.sum(0), 1.0) and np.all((w[:, 3:] > 0).sum(0) <= 2)  # from target 4 (prefix of 4 tokens)
     assert np.all(w[:, :3] > 0)
     assert len(mix.generate(docs[1][:10], 5, temperature=0.0)) == 5
+
+
+def test_a_remembered_router_scores_each_prefix_once_and_changes_nothing():
+    from gmlib.mixture import ScoreMemo
+    ms, docs = [expert(s) for s in range(3)], [doc(s, 30) for s in range(4)]
+    plain, router = HashRouter(3, seed=3), HashRouter(3, seed=3)
+    memo = ScoreMemo(router)
+    for k, pool in ((1, "linear"), (2, "linear"), (2, "log-linear")):   # the mixtures 05 scores of one gm
+        cfg = MixtureConfig(k=k, eta=1.0, reroute_every=8, route_from=4, pool=pool)
+        want = from_models(ms, router=plain, cfg=cfg).token_logprobs_many(docs)
+        got = from_models(ms, router=memo, cfg=cfg).token_logprobs_many(docs)
+        assert all(np.array_equal(a, b) for a, b in zip(want, got))
+    assert len(router.calls) == len(plain.calls) // 3 and len(memo.memo) == len(router.calls)
