@@ -28,8 +28,9 @@ one gm share one params file. Without GPUs the jobs run one at a time on the CPU
 
 The record, results/<run_name>/schedule.json, is rewritten at every start and end: each job's
 command, GPU, start, end, seconds and status; every job's output goes to results/<run_name>/logs/.
-A rerun skips the jobs that already succeeded (--force runs them again): the notebooks resume
-their own training, so an interrupted plan is continued by running it again.
+A rerun skips the jobs that already succeeded as they are written now (a job whose entry in the plan
+changed runs again; --force runs every job again): the notebooks resume their own training, so an
+interrupted plan is continued by running it again.
 """
 import argparse
 import json
@@ -77,6 +78,8 @@ def load_plan(path: Path) -> dict:
             raise ValueError(f"{where}: params_from maps a notebook's parameter to 'model.field' of metrics.json")
         if not isinstance(job.get("set", {}), dict) or ("command" in job and job.get("set")):
             raise ValueError(f"{where}: set maps a notebook's parameter to its value")
+        if both := sorted(set(job.get("set", {})) & set(src)):
+            raise ValueError(f"{where}: {both} given by both set and params_from; keep one")
         for key in ("needs", "after"):
             if missing := [n for n in job.get(key, []) if n not in seen]:
                 raise ValueError(f"{where}: {key} {missing}, which no earlier job is")
@@ -128,8 +131,8 @@ def run_plan(plan: dict, slots: list[str], force: bool = False, poll_s: float = 
     old = json.loads(path.read_text())["jobs"] if path.is_file() else {}
     jobs = {j["name"]: j for j in plan["jobs"]}
     rec = {"run_name": plan["run_name"], "slots": slots, "jobs": {}}
-    for name in jobs:
-        done = not force and old.get(name, {}).get("status") == "ok"
+    for name, job in jobs.items():  # a job that succeeded as it is written now is not run again
+        done = not force and old.get(name, {}).get("status") == "ok" and old[name].get("job", job) == job
         rec["jobs"][name] = old[name] if done else {"status": "pending"}
     running, free = {}, list(slots)
 
@@ -166,7 +169,7 @@ def run_plan(plan: dict, slots: list[str], force: bool = False, poll_s: float = 
                 log(f"[failed] {name}: {e}")
                 continue
             running[name] = (proc, slot, logf, time.time())
-            rec["jobs"][name] = {"status": "running", "gpu": slot, "command": shlex.join(argv),
+            rec["jobs"][name] = {"status": "running", "gpu": slot, "command": shlex.join(argv), "job": jobs[name],
                                  "start": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             save()
             log(f"[start] {name} on {slot}")

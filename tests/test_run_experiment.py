@@ -78,6 +78,10 @@ def test_failure_skips_dependents_and_rerun_skips_done(env):
     rec = run_experiment.run_plan(plan, ["cpu"], poll_s=0.02, log=lambda *_: None)
     assert all(j["status"] == "ok" for j in rec["jobs"].values())
     assert [e.split()[0] for e in events(env) if " start" in e] == ["a", "c", "d"]
+    (env / "trace.txt").unlink()
+    plan["jobs"][1] = traced("b", 0.01)  # b written differently since it succeeded: it runs again, alone
+    run_experiment.run_plan(plan, ["cpu"], poll_s=0.02, log=lambda *_: None)
+    assert [e.split()[0] for e in events(env) if " start" in e] == ["b"]
 
 
 def test_after_waits_for_the_end_but_not_for_success(env):
@@ -99,6 +103,8 @@ def test_after_waits_for_the_end_but_not_for_success(env):
     ([{"name": "a", "notebook": "03", "params": "params/nope.yaml"}], "not found"),
     ([{"name": "a", "command": "true", "gpu": 1}], "unknown keys"),
     ([{"name": "a", "command": "true", "params_from": {"tokens": "d.tokens"}}], "params_from"),
+    ([{"name": "d", "command": "true"}, {"name": "a", "notebook": "04", "params": "params/experiment/04_gm_local.yaml",
+       "params_from": {"tokens": "d.tokens"}, "set": {"tokens": 5}, "needs": ["d"]}], "both set and params_from"),
     ([{"name": "a", "notebook": "04", "params": "params/experiment/04_gm_local.yaml",
        "params_from": {"tokens": "tokens"}}], "params_from"),
 ])
