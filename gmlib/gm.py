@@ -500,9 +500,12 @@ def load_gm(out_dir, device="cpu", gpu_bytes: int | None = None, ram_bytes: int 
         if e in models:
             models.move_to_end(e)
             return models[e]
-        m = models.popitem(last=False)[1] if len(models) >= pool else GPT(mcfg).to(device)
-        tensors, _ = store.get(info["experts"][e])
-        load_state_tensors(m, None, {k: v for k, v in tensors.items() if k.startswith("model.")})
+        # the store's buffers outlive this call: never let them become inference tensors (a first load
+        # inside torch.inference_mode, as log-linear pooling makes, would break every later copy)
+        with torch.inference_mode(False), torch.no_grad():
+            m = models.popitem(last=False)[1] if len(models) >= pool else GPT(mcfg).to(device)
+            tensors, _ = store.get(info["experts"][e])
+            load_state_tensors(m, None, {k: v for k, v in tensors.items() if k.startswith("model.")})
         models[e] = m.eval()
         return models[e]
 
@@ -529,8 +532,10 @@ def mixture_loader(gm_root):
     """A gmlib.evaluate loader for specs {"kind": "gm", "run": <name under gm_root>, "k", "eta", ...}:
     evaluate.LOADERS["gm"] = gm.mixture_loader(work_dir(run_name) / "gm").
     A spec with "expert": e gives that expert alone (a SingleLM, charged its own training seconds);
-    one with "seed": True the seed run alone (charged the seed run's seconds)."""
-    memos = {}  # one remembered router per gm: its mixtures (k, pool, eta) route the same prefixes
+    one with "seed": True the seed run alone (charged the seed run's seconds). Mixtures of one gm share
+    a remembered router, and with "share_passes": True their experts' passes over the documents
+    (worth it when k up to n_experts is scored: each expert then reads every document once, in full)."""
+    memos, passes = {}, {}  # per gm: a remembered router, and with share_passes its experts' passes
 
     def load(spec: dict, device):
         from .mixture import MixtureConfig, MixtureLM, ScoreMemo, SingleLM
@@ -551,7 +556,9 @@ def mixture_loader(gm_root):
         router, load_expert, info = load_gm(Path(gm_root) / spec["run"], device,
                                             pool=n if mc.pool == "log-linear" else max(2, mc.k))
         router = memos.setdefault(spec["run"], ScoreMemo(router))
-        lm = MixtureLM(load_expert, info["n_experts"], router, mc, expert_n_params=info["params_per_expert"])
+        shared = passes.setdefault(spec["run"], {}) if spec.get("share_passes") else None
+        lm = MixtureLM(load_expert, info["n_experts"], router, mc, expert_n_params=info["params_per_expert"],
+                       passes=shared)
         lm.train_gpu_seconds = info["accounting"]["gpu_seconds"]
         return lm
     return load

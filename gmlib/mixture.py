@@ -288,6 +288,11 @@ def _topk_mask(logp: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+def doc_key(tokens) -> tuple:
+    """A token sequence's identity for the memos below: its length and a hash of its tokens."""
+    return len(tokens), hashlib.blake2b(np.ascontiguousarray(tokens, np.int64).tobytes(), digest_size=16).digest()
+
+
 class ScoreMemo:
     """A router whose prefix scores are remembered. The mixtures of one gm that differ only in k,
     pooling or eta route the same prefixes of the same documents, and scoring a prefix (features of
@@ -300,8 +305,7 @@ class ScoreMemo:
         self._score = getattr(router, "prefix_scores", None) or router.scores
 
     def prefix_scores(self, prefixes) -> np.ndarray:
-        keys = [(len(p), hashlib.blake2b(np.ascontiguousarray(p, np.int64).tobytes(), digest_size=16).digest())
-                for p in prefixes]
+        keys = [doc_key(p) for p in prefixes]
         todo = [i for i, k in enumerate(keys) if k not in self.memo]
         if todo:
             for i, row in zip(todo, np.asarray(self._score([prefixes[i] for i in todo]), np.float64)):
@@ -324,8 +328,15 @@ class MixtureLM:
 
     def __init__(self, load_expert: Callable[[int], GPT], n_experts: int, router: Router | None = None,
                  cfg: MixtureConfig | None = None, base_prior: np.ndarray | None = None,
-                 expert_n_params: int | None = None, stride: int | None = None, batch_tokens: int = 16384):
+                 expert_n_params: int | None = None, stride: int | None = None, batch_tokens: int = 16384,
+                 passes: dict | None = None):
         self.load_expert, self.n_experts, self.router = load_expert, n_experts, router
+        # passes: a memo {(expert, doc_key): log p_e of the whole document} shared by mixtures of the same
+        # experts (05 scores k = 1, 2, K and two pools of one gm): each expert then reads each document once,
+        # in full, instead of once per mixture up to its last weighted target. Exact: an expert's log-probs
+        # past that target get weight 0, and the full document's windows are the ones scored either way (on a GPU
+        # the batching of windows may differ, so the last bits of rounding may too).
+        self.passes = passes
         self.cfg = cfg or MixtureConfig()
         if not 1 <= self.cfg.k <= n_experts:
             raise ValueError(f"MixtureConfig.k={self.cfg.k} must be in 1..n_experts={n_experts}")
@@ -409,6 +420,14 @@ class MixtureLM:
         for e in range(self.n_experts):
             who = [i for i, u in enumerate(upto) if u[e] > 0 and len(docs[i]) > 1]
             if not who:
+                continue
+            if self.passes is not None:
+                keys = {i: (e, doc_key(docs[i])) for i in who}
+                if need := [i for i in who if keys[i] not in self.passes]:
+                    got = window_logprobs(self.load_expert(e), [docs[i] for i in need], self.stride, self.batch_tokens)
+                    self.passes.update((keys[i], lp) for i, lp in zip(need, got))
+                for i in who:
+                    lps[i][e] = self.passes[keys[i]]
                 continue
             model = self.load_expert(e)  # one expert resident at a time while scoring
             got = window_logprobs(model, [docs[i] for i in who], self.stride, self.batch_tokens,

@@ -201,6 +201,19 @@ def test_load_gm_serves_the_mixture(main_run, tiny_shards):
     info["store"].close()
 
 
+def test_mixtures_sharing_passes_score_as_alone(main_run, tiny_shards):
+    # 05 scores k = 1, 2, K and both pools of one gm; with share_passes they share the experts' passes. A first
+    # load of an expert inside log-linear pooling's inference mode once broke every later copy of the store
+    out, _ = main_run
+    docs = [TokenShards(tiny_shards / "val").doc(i)[:150] for i in range(5)]
+    shared, alone = gm.mixture_loader(out.parent), gm.mixture_loader(out.parent)
+    for spec in ({"k": 2, "pool": "log-linear"}, {"k": 1}, {"k": 4}, {"k": 4, "pool": "log-linear"}):
+        spec = {"kind": "gm", "run": out.name, "reroute_every": 32, **spec}
+        want = alone(spec, "cpu").token_logprobs_many(docs)
+        got = shared({**spec, "share_passes": True}, "cpu").token_logprobs_many(docs)
+        assert all(np.array_equal(a, b) for a, b in zip(want, got)), spec
+
+
 def test_torchrun_two_processes_train_different_experts(tiny_shards, tmp_path):
     torchrun = shutil.which("torchrun", path=str(REPO_ROOT / ".venv" / "bin")) or shutil.which("torchrun")
     if torchrun is None:

@@ -222,3 +222,20 @@ def test_a_remembered_router_scores_each_prefix_once_and_changes_nothing():
         got = from_models(ms, router=memo, cfg=cfg).token_logprobs_many(docs)
         assert all(np.array_equal(a, b) for a, b in zip(want, got))
     assert len(router.calls) == len(plain.calls) // 3 and len(memo.memo) == len(router.calls)
+
+
+def test_shared_expert_passes_change_nothing_and_read_each_document_once():
+    ms, docs = [expert(s) for s in range(3)], [doc(s, 40) for s in range(4)]
+    calls = []
+
+    def counting(e):
+        calls.append(e)
+        return ms[e]
+    passes = {}
+    for k, pool in ((1, "linear"), (2, "linear"), (3, "linear"), (2, "log-linear"), (3, "log-linear")):
+        cfg = MixtureConfig(k=k, eta=1.0, reroute_every=8, route_from=4, pool=pool)
+        want = from_models(ms, router=HashRouter(3, seed=4), cfg=cfg).token_logprobs_many(docs)
+        shared = MixtureLM(counting, 3, HashRouter(3, seed=4), cfg, expert_n_params=1, passes=passes)
+        got = shared.token_logprobs_many(docs)
+        assert all(np.array_equal(a, b) for a, b in zip(want, got)), (k, pool)
+    assert len(passes) == 3 * len(docs)   # every expert read every document once, in full
