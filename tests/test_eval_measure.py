@@ -11,19 +11,14 @@ import torch
 from gmlib import evaluate as ev
 from gmlib.mixture import MixtureConfig, SingleLM, from_models
 from gmlib.model import GPT, GPTConfig
+from helpers import peaked_gpt
 
 V = 40
 CFG = GPTConfig(vocab_size=V, seq_len=16, n_layer=1, n_head=2, n_embd=16)
 
 
 def expert(seed):
-    torch.manual_seed(seed)
-    m = GPT(CFG).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.dim() == 2:
-                p.mul_(25.0 if name == "wte.weight" else 8.0)
-    return m
+    return peaked_gpt(seed, CFG)
 
 
 class Fixed:

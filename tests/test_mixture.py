@@ -4,22 +4,15 @@ import pytest
 import torch
 
 from gmlib.mixture import MixtureConfig, MixtureLM, SingleLM, from_models, sample, window_logprobs, windows
-from gmlib.model import GPT, GPTConfig
+from gmlib.model import GPTConfig
+from helpers import peaked_gpt
 
 V = 40
 CFG = GPTConfig(vocab_size=V, seq_len=16, n_layer=1, n_head=2, n_embd=16)
 
 
 def expert(seed):
-    """A random tiny GPT with its weights scaled up so that its next-token distributions are
-    peaked and differ between seeds (at the default init they are nearly uniform)."""
-    torch.manual_seed(seed)
-    m = GPT(CFG).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.dim() == 2:
-                p.mul_(25.0 if name == "wte.weight" else 8.0)
-    return m
+    return peaked_gpt(seed, CFG)
 
 
 def ref_logprobs(model, toks):
