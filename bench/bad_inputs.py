@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +38,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from data_prep import audit, prepare, shards, sources, stages, tokenizer  # noqa: E402
+from data_prep import audit, prepare, shards, sources, tokenizer  # noqa: E402
 from data_prep.clean import CleanConfig  # noqa: E402
 from gmlib import atomic  # noqa: E402
 from gmlib.paths import data_dir, results_dir  # noqa: E402

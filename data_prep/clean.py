@@ -464,6 +464,7 @@ def _ngram_repetition(words: list[str], cfg: CleanConfig) -> bool:
         gram, c = counts.most_common(1)[0]
         if c > 1 and c * sum(map(len, gram)) / total > limit:
             return True
+    frac5 = 1.0  # set by the 5-gram round, which always runs first
     for n, limit in zip(range(5, 11), cfg.max_dup_ngram):
         if len(words) < 2 * n:
             break

@@ -338,7 +338,7 @@ def prepare(cfg: DataConfig, clean_dir: Path, log=print) -> dict:
     log(f"dedup: {sum(len(v) for r in dd['removed'].values() for v in r.values())} of {dd['n_docs']} documents removed")
     t2 = time.time()
     meta = split_all(cfg, filtered, dd, clean_dir, log)
-    log(f"split: " + ", ".join(f"{sp} {sum(c['docs'] for c in meta['counts'][sp].values())} docs" for sp in split.SPLITS))
+    log("split: " + ", ".join(f"{sp} {sum(c['docs'] for c in meta['counts'][sp].values())} docs" for sp in split.SPLITS))
     return {"filtered": filtered, "dedup": dd, "split": meta,
             "wall_seconds": {"filter": round(t1 - t0, 2), "dedup": round(t2 - t1, 2), "split": round(time.time() - t2, 2)}}
 

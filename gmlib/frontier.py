@@ -114,16 +114,16 @@ def rows(doc_rows: pd.DataFrame, info: dict, model_facts: dict, budget: str, bud
     if best is not None:  # the reference goes first: quality_from_docs pairs every model with it
         order = [best] + [n for n in dict.fromkeys(doc_rows["model"]) if n != best]
         doc_rows = pd.concat([doc_rows[doc_rows["model"] == n] for n in order], ignore_index=True)
-    q = evaluate.quality_from_docs(doc_rows, info, n_boot, seed).set_index("model")
     if budget_flops_6nd is None:
         budget_flops_6nd = model_facts[best]["flops_6nd"] if best is not None else np.nan
     for n, f in model_facts.items():  # a model trained with more compute than the budget is not at this budget
         flops = f.get("flops_6nd")
         over = flops is not None and np.isfinite(budget_flops_6nd) and flops > budget_flops_6nd * (1 + TOLERANCE)
         off = f["kind"] == "dense" and flops is not None and abs(flops / budget_flops_6nd - 1) > TOLERANCE
-        if n in q.index and (over or off):
+        if n in macro.index and (over or off):
             raise ValueError(f"{n}: trained {flops:.4g} 6ND FLOPs, not the budget {budget}'s {budget_flops_6nd:.4g} "
                              f"(more than {TOLERANCE:.0%} off); evaluate it at its own budget")
+    q = evaluate.quality_from_docs(doc_rows, info, n_boot, seed).set_index("model")
     out = []
     for n, r in q.iterrows():
         row = {c: np.nan for c in COLUMNS}

@@ -368,8 +368,8 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
     routed0 = json.loads((out / "routed" / "round_000" / "done.json").read_text())
     tok_step = cfg.train.batch_size * cfg.train.grad_accum * mcfg.seq_len
     plan = plan_budget(cfg, tok_step, routed0["tokens"])
-    shares, branch, max_steps = plan["shares"], plan["branch_step"], plan["max_steps"]
-    seed_acct, seed_meta = None, None
+    branch, max_steps = plan["branch_step"], plan["max_steps"]
+    seed_meta = None
     if branch and not cfg.seed_from and cfg.train.schedule == "wsd" and branch > stable_until(cfg.train, plan["total_steps"]):
         raise ValueError(f"GMConfig: the branch step {branch} lies in the twin's decay (from step "
                          f"{stable_until(cfg.train, plan['total_steps'])}); need seed_fraction <= 1 - decay_frac")
@@ -385,7 +385,6 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
                                      lambda: _fresh(mcfg, cfg.seed), stop=branch, keep_optimizer=True)}, {SEED: branch})
         _barrier()
         seed_meta = json.loads(rk.record_path(SEED).read_text())
-        seed_acct = seed_meta["accounting"]
         seed_tensors = rk.store.read(SEED)[0]
     phases = cfg.refine_rounds + 1
     sample_idx = _refine_sample(train_all, cfg.refine_docs, cfg.seed) if cfg.refine_rounds else None

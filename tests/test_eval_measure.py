@@ -4,7 +4,6 @@ log-linear pooling."""
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
