@@ -4,7 +4,9 @@
 # commands: data, checkpoints and results all live under $GM_ROOT (default /root/gm), outside the
 # copy, and each `watch` packs the results so far, so a lost machine loses nothing that finished.
 #
-#   bash scripts/background_plan.sh stage ARCHIVE            # unpack a tar.xz of work/data's shards/ and tokenizer.*
+#   bash scripts/background_plan.sh stage ARCHIVE [PART2..]  # unpack a tar.xz of work/data's shards/ and tokenizer.*
+#                                                             # (given in parts, in order, when the archive and the
+#                                                             # working tree exceed one call's 64 MiB: split -b 30M)
 #   bash scripts/background_plan.sh start PLAN [WHEELS] [RAW] # PLAN (or PLAN1,PLAN2,... run in order), offline wheels
 #                                                             # (optional), raw data dir with parus/ and
 #                                                             # reviews/ (optional), an import check, then the plan
@@ -34,8 +36,9 @@ EOF
 
 case ${1:-} in
   stage)
+    [ -n "${2:-}" ] || { echo "stage: give the archive (or its parts, in order)" >&2; exit 2; }
     mkdir -p "$GM_WORK_DIR/data"
-    tar xJf "${2:?archive}" -C "$GM_WORK_DIR/data"
+    cat "${@:2}" | tar xJf - -C "$GM_WORK_DIR/data"
     ls "$GM_WORK_DIR/data" ;;
   start)
     plans=$(for p in ${2//,/ }; do realpath "$p"; done)   # PLAN may list several, comma-separated: run in order
