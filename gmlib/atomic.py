@@ -1,5 +1,8 @@
 """Atomic file writes: write to a temporary file in the same folder, fsync, then rename.
-A reader (or a rerun after a crash) sees either the old file or the new one, never half."""
+A reader (or a rerun after a crash) sees either the old file or the new one, never half.
+And a lock for a read-modify-write that two processes may do at once (two plans sharing a ledger or a
+routing cache on one machine)."""
+import fcntl
 import json
 import os
 import re
@@ -30,6 +33,20 @@ def atomic_path(path):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextmanager
+def file_lock(path):
+    """Hold an exclusive lock on `path` (created if missing) for the block; another process asking for
+    the same lock waits. An advisory flock: the lock goes with the process, so a killed holder frees it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 _WRITER = re.compile(r"\.(\d+)\.[A-Za-z0-9_]+\.tmp$")

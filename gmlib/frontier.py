@@ -50,6 +50,11 @@ def update(path, rows: pd.DataFrame) -> pd.DataFrame:
     when a budget would then hold rows scored on other documents or against another reference."""
     if missing := [c for c in COLUMNS if c not in rows.columns]:
         raise ValueError(f"frontier rows lack columns {missing}")
+    with atomic.file_lock(Path(path).with_name(Path(path).name + ".lock")):  # two plans may evaluate at once
+        return _update(Path(path), rows)
+
+
+def _update(path: Path, rows: pd.DataFrame) -> pd.DataFrame:
     old = read(path)
     keep = ~old.set_index(KEY).index.isin(rows.set_index(KEY).index) if len(old) else []
     df = pd.concat([old[keep], rows[COLUMNS]], ignore_index=True) if len(old) else rows[COLUMNS].copy()
@@ -58,7 +63,7 @@ def update(path, rows: pd.DataFrame) -> pd.DataFrame:
             raise ValueError(f"{path}: budget {b!r} would mix rows with different {bad}; evaluate all of the "
                              f"budget's models together (05's merge_earlier) or give the new ones another budget")
     df = df.sort_values(["budget_flops_6nd", "kind", "model"], kind="stable", ignore_index=True)
-    atomic.write_text(Path(path), df.to_csv(index=False))
+    atomic.write_text(path, df.to_csv(index=False))
     return df
 
 

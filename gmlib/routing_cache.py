@@ -12,8 +12,9 @@ a cache folder (notebook 04 uses work/<data_name>/routing/) and reused:
                    route_shards, which checks its own key); a gm gets hard links of these files.
 A hit returns exactly what a fresh computation would: the cached router's fingerprint is part of
 every routed key, and route_shards refuses to reuse a folder whose key differs. The keys cannot see
-the code, so VERSION is part of them. One writer per cache at a time: gm jobs that run side by side
-on several GPUs should not share a cache folder they are still filling (no lock is taken).
+the code, so VERSION is part of them. Each router and routed folder is filled under a file lock
+(<folder>.lock), so gm jobs of two plans that run side by side on one machine share the cache: the
+second waits for the first and then reads what it wrote.
 """
 import hashlib
 import json
@@ -51,14 +52,15 @@ def fit(kind: str, n_experts: int, train: TokenShards, cache: Path | None, **cfg
     settings = json.dumps({"kind": kind, "n_experts": n_experts, "cfg": cfg, "shards": shards_key(train),
                            "version": VERSION}, sort_keys=True)
     d = Path(cache) / "routers" / hashlib.sha256(settings.encode()).hexdigest()[:16]
-    if (d / "router" / "router.json").is_file() and (d / "assign.npy").is_file():
-        return load_router(d / "router"), np.load(d / "assign.npy")
-    router, assign = fresh()
-    router.save(d / "router")
-    with atomic.atomic_path(d / "assign.npy") as tmp, open(tmp, "wb") as f:
-        np.save(f, assign)
-    atomic.write_text(d / "settings.json", settings)
-    return router, assign
+    with atomic.file_lock(d.with_name(d.name + ".lock")):  # a second plan on the machine waits, then reads
+        if (d / "router" / "router.json").is_file() and (d / "assign.npy").is_file():
+            return load_router(d / "router"), np.load(d / "assign.npy")
+        router, assign = fresh()
+        router.save(d / "router")
+        with atomic.atomic_path(d / "assign.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, assign)
+        atomic.write_text(d / "settings.json", settings)
+        return router, assign
 
 
 def _link_tree(src: Path, dst: Path):
@@ -81,6 +83,7 @@ def route(router, shards: TokenShards, out_root: Path, cache: Path | None, assig
         return route_shards(router, shards, out_root, assign=assign)
     a = "" if assign is None else hashlib.sha256(np.asarray(assign, np.int64).tobytes()).hexdigest()[:16]
     d = Path(cache) / "routed" / f"v{VERSION}-{router.fingerprint()}-{shards_key(shards)}-{a or 'own'}"
-    route_shards(router, shards, d, assign=assign)   # reuses d when its key matches
+    with atomic.file_lock(d.with_name(d.name + ".lock")):  # one writer per folder; a second plan waits
+        route_shards(router, shards, d, assign=assign)   # reuses d when its key matches
     _link_tree(d, Path(out_root))
     return [Path(out_root) / p.name for p in sorted(d.glob("expert_*"))]

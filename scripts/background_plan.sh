@@ -7,10 +7,11 @@
 #   bash scripts/background_plan.sh stage ARCHIVE [PART2..]  # unpack a tar.xz of work/data's shards/ and tokenizer.*
 #                                                             # (given in parts, in order, when the archive and the
 #                                                             # working tree exceed one call's 64 MiB: split -b 30M)
-#   bash scripts/background_plan.sh start PLAN [WHEELS] [RAW] # PLAN (or PLAN1,PLAN2,... run in order), offline wheels
-#                                                             # (optional), raw data dir with parus/ and
-#                                                             # reviews/ (optional), an import check, then the plan
-#                                                             # under setsid
+#   bash scripts/background_plan.sh start PLAN [WHEELS] [RAW] # PLAN (or PLAN1,PLAN2,... run in order; A1,A2+B1: the
+#                                                             # groups on either side of + run at the same time, each
+#                                                             # in its own process), offline wheels (optional), raw
+#                                                             # data dir with parus/ and reviews/ (optional), an
+#                                                             # import check, then the plans under setsid
 #   bash scripts/background_plan.sh watch SECONDS OUT.tgz     # wait for the plan to end (at most SECONDS), pack results
 #
 # Make the archive here with:  (cd work/data && tar cf - shards tokenizer.model tokenizer.json | xz -6 -T2) > ARCHIVE   # about 54 MB
@@ -41,7 +42,8 @@ case ${1:-} in
     cat "${@:2}" | tar xJf - -C "$GM_WORK_DIR/data"
     ls "$GM_WORK_DIR/data" ;;
   start)
-    plans=$(for p in ${2//,/ }; do realpath "$p"; done)   # PLAN may list several, comma-separated: run in order
+    [ -n "${2:-}" ] || { echo "start: give the plan(s)" >&2; exit 2; }
+    for p in ${2//[,+]/ }; do [ -f "$p" ] || { echo "start: no plan file $p" >&2; exit 2; }; done
     if [ -n "${3:-}" ]; then
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$3"/*.whl
     fi
@@ -53,10 +55,20 @@ case ${1:-} in
 [importlib.import_module(m.name) for m in pkgutil.iter_modules(gmlib.__path__, 'gmlib.')]" \
       || { echo "start: a module the plan's notebooks import is missing here: add its wheel to ${3:-WHEELS}" >&2; exit 4; }
     mkdir -p "$GM_RESULTS_DIR"
-    # shellcheck disable=SC2086  (one path per plan, no spaces)
-    setsid nohup python3 scripts/run_experiment.py $plans > "$ROOT/plan.log" 2>&1 < /dev/null &
-    echo $! > "$ROOT/plan.pid"
-    echo "started:" $plans "(log $ROOT/plan.log)" ;;
+    # One process per group of plans (groups split by +, so that small jobs of one budget fill the GPU while
+    # another budget's job compiles or evaluates); plan.pid holds one pid a line, logs plan.log, plan-2.log, ...
+    rm -f "$ROOT/plan.pid"
+    i=1
+    IFS=+ read -ra groups <<< "$2"
+    for g in "${groups[@]}"; do
+      plans=$(for p in ${g//,/ }; do realpath "$p"; done)   # a group's plans, comma-separated: run in order
+      log=$ROOT/plan.log; [ "$i" -gt 1 ] && log=$ROOT/plan-$i.log
+      # shellcheck disable=SC2086  (one path per plan, no spaces)
+      setsid nohup python3 scripts/run_experiment.py $plans > "$log" 2>&1 < /dev/null &
+      echo $! >> "$ROOT/plan.pid"
+      echo "started:" $plans "(log $log)"
+      i=$((i + 1))
+    done ;;
   watch)
     # A machine given back between calls comes back bare: say so at once instead of waiting out
     # SECONDS of device time (2026-11-28: 560 s were spent watching nothing).
@@ -68,12 +80,15 @@ case ${1:-} in
     end=$((SECONDS + ${2:?seconds}))
     # stop early when the plans' process has ended (all done, or crashed with jobs left); not on a schedule
     # that says done, since the next plan of a list may not have written its own yet
-    while [ $SECONDS -lt "$end" ] && kill -0 "$(cat "$ROOT/plan.pid")" 2>/dev/null; do
+    alive() { for pid in $(cat "$ROOT/plan.pid"); do kill -0 "$pid" 2>/dev/null && return 0; done; return 1; }
+    while [ $SECONDS -lt "$end" ] && alive; do
       sleep 10
     done
     plan_state
-    tail -n 20 "$ROOT/plan.log" || true
-    tar czf "${3:?out.tgz}" -C "$ROOT" results $(cd "$ROOT" && ls plan.log 2>/dev/null) ;;
+    for log in "$ROOT"/plan*.log; do
+      if [ -f "$log" ]; then echo "== $(basename "$log")"; tail -n 12 "$log"; fi
+    done
+    tar czf "${3:?out.tgz}" -C "$ROOT" results $(cd "$ROOT" && ls plan*.log 2>/dev/null) ;;
   *)
-    sed -n 2,13p "$0"; exit 2 ;;
+    sed -n 2,15p "$0"; exit 2 ;;
 esac

@@ -89,3 +89,23 @@ def test_update_refuses_to_mix_scorings_within_a_budget(tmp_path):
     frontier.update(path, pd.DataFrame([a]))
     with pytest.raises(ValueError, match="mix rows with different \\['n_docs'\\]"):
         frontier.update(path, pd.DataFrame([b]))
+
+
+def _append_rows(path, budget, n):
+    for i in range(n):
+        frontier.update(path, pd.DataFrame([_row(budget, f"m{i}", "dense", 1.0 + i, 1e15)]))
+
+
+def test_two_processes_updating_the_ledger_lose_no_row(tmp_path):
+    # two plans on one machine evaluate side by side: each read-modify-write holds the ledger's lock
+    import multiprocessing as mp
+    path = tmp_path / "runs.csv"
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_append_rows, args=(path, b, 15)) for b in ("B1", "B2")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    df = frontier.read(path)
+    assert len(df) == 30 and set(df["budget"]) == {"B1", "B2"}

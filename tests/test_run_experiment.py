@@ -141,7 +141,7 @@ def test_frontier_plans_give_every_model_the_same_compute(tmp_path, budget):
     dense = [{**dense_file, **j["set"]} for j in plan["jobs"] if j.get("notebook") == "03"]
     assert len(dense) >= 2 and all(abs(flops(d) / flops(twin) - 1) < 0.01 for d in dense)
     # every trained model is evaluated; an evaluation in parts gives every part all dense models (the deltas are
-    # against the best of them) and merges each later part into the first
+    # against the best of them) and merges each later part into the parts before it, in order
     evals = [j for j in plan["jobs"] if j.get("notebook") == "05"]
     trained = {j["name"] for j in plan["jobs"] if j.get("notebook") in ("03", "04")}
     assert set().union(*(e["needs"] for e in evals)) == trained and evals[0]["name"] == "evaluate"
@@ -149,7 +149,7 @@ def test_frontier_plans_give_every_model_the_same_compute(tmp_path, budget):
     for i, ev in enumerate(evals):
         assert ev["set"]["budget"] == budget and ev["set"]["budget_flops_6nd"] == flops(twin)
         assert set(ev["set"]["dense_models"]) == dense_names
-        assert not i or (ev["set"]["merge_earlier"] and "evaluate" in ev["after"] and ev["set"]["eval_name"])
+        assert not i or (ev["set"]["merge_earlier"] and evals[i - 1]["name"] in ev["after"] and ev["set"]["eval_name"])
     bad = tmp_path / "plan.yaml"
     bad.write_text(yaml.safe_dump({"run_name": "t", "jobs": [{"name": "a", "command": "true", "set": {"x": 1}}]}))
     with pytest.raises(ValueError, match="set maps"):
@@ -263,3 +263,29 @@ def test_background_runs_several_plans_in_order(tmp_path):
     for b in ("b1", "b3"):
         rec = json.loads((tmp_path / "root" / "results" / "f" / b / "schedule.json").read_text())
         assert rec["jobs"]["a"]["status"] == "ok"
+
+
+def test_background_runs_groups_of_plans_at_the_same_time(tmp_path):
+    # b2+b3: two processes; watch waits for both and packs both logs
+    script = REPO / "scripts" / "background_plan.sh"
+    env = _plan_env(tmp_path)
+    for b, cmd in (("b2", "sleep 3"), ("b3", "true")):
+        (tmp_path / f"{b}.yaml").write_text(f"run_name: f/{b}\njobs:\n  - {{name: a, command: \"{cmd}\"}}\n")
+    p = subprocess.run(["bash", str(script), "start", f"{tmp_path / 'b2.yaml'}+{tmp_path / 'b3.yaml'}"], env=env,
+                       check=True, capture_output=True, text=True)
+    assert p.stdout.count("started:") == 2
+    assert len((tmp_path / "root" / "plan.pid").read_text().split()) == 2
+    p = subprocess.run(["bash", str(script), "watch", "60", str(tmp_path / "out.tgz")], env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.startswith("done")
+    for b in ("b2", "b3"):
+        rec = json.loads((tmp_path / "root" / "results" / "f" / b / "schedule.json").read_text())
+        assert rec["jobs"]["a"]["status"] == "ok"
+    names = subprocess.run(["tar", "tzf", str(tmp_path / "out.tgz")], capture_output=True, text=True).stdout.split()
+    assert {"plan.log", "plan-2.log"} <= set(names)
+
+
+def test_background_start_refuses_a_missing_plan(tmp_path):
+    p = subprocess.run(["bash", str(REPO / "scripts" / "background_plan.sh"), "start", str(tmp_path / "nope.yaml")],
+                       env=_plan_env(tmp_path), capture_output=True, text=True)
+    assert p.returncode == 2 and "nope.yaml" in p.stderr
