@@ -50,7 +50,7 @@ def update(path, rows: pd.DataFrame) -> pd.DataFrame:
     when a budget would then hold rows scored on other documents or against another reference."""
     if missing := [c for c in COLUMNS if c not in rows.columns]:
         raise ValueError(f"frontier rows lack columns {missing}")
-    with atomic.file_lock(Path(path).with_name(Path(path).name + ".lock")):  # two plans may evaluate at once
+    with atomic.file_lock(Path(path).with_name(f".{Path(path).name}.lock")):  # two plans may evaluate at once
         return _update(Path(path), rows)
 
 
