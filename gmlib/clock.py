@@ -7,14 +7,15 @@ snapshot of put()) is counted in that part, and work queued before it is not. On
 synchronisations are no-ops and the parts are plain wall time.
 
 Parts the gm trainer uses (gmlib.gm):
-  fetch      store.get() of an expert and its copy into the model, and the prefetch call for the
-             next one: the GPU waits for an expert's weights and optimizer state
+  fetch      store.get() of an expert (waiting until its weights and optimizer state are in the GPU
+             tier) and the prefetch call for the next one
+  load       the copy of the expert from its GPU slot into the model and optimizer
   writeback  store.put(): the snapshot into a GPU slot and the hand-over to RAM and disk
   sync       waiting for the store's background work (flush before records claim what is on disk)
   init       a new expert's first weights (no store involved: an all-resident run pays it too)
   train      Trainer.run() less its validation
   eval       validation
-wait = fetch + writeback + sync; the wall time is everything inside segments and syncs, so
+wait = fetch + load + writeback + sync; the wall time is everything inside segments and syncs, so
 `other` (building a Trainer, logging) is wall minus the named parts.
 """
 import time
@@ -22,8 +23,8 @@ from contextlib import contextmanager
 
 import torch
 
-WAIT = ("fetch", "writeback", "sync")
-PARTS = ("fetch", "writeback", "sync", "init", "train", "eval")
+WAIT = ("fetch", "load", "writeback", "sync")
+PARTS = (*WAIT, "init", "train", "eval")
 
 
 class Clock:
@@ -87,7 +88,7 @@ class Clock:
         self.segments.append(rec)
 
     def summary(self) -> dict:
-        """trainer_wait_s (fetch + writeback + sync), trainer_wait_frac (of the wall time), every part's
+        """trainer_wait_s (fetch + load + writeback + sync), trainer_wait_frac (of the wall time), every part's
         total, other_s, and the per-segment records."""
         wait = sum(self.totals[p] for p in WAIT)
         parts = {f"{p}_s": v for p, v in self.totals.items()}

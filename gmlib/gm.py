@@ -143,6 +143,9 @@ def _state_bytes(mcfg: GPTConfig) -> int:
     return sum(3 * (-(-4 * n // 256) * 256) + 256 for n in sizes)
 
 
+state_bytes = _state_bytes  # public: a benchmark sizes the GPU tier (gpu_bytes) in expert states
+
+
 def plan_budget(cfg: GMConfig, tok_step: int, routed_tokens) -> dict:
     """Every step count of a gm, from its total budget. total_steps is what a dense twin with
     max_tokens = cfg.tokens trains (gmlib.train rounds up the same way); the seed takes the
@@ -215,12 +218,13 @@ class _Rank:
         its trainer state), train it toward step `target` for at most segment_steps, and put it
         back. A run ends at its budget or at job.stop (the seed: its branch step); the last
         segment stores weights only, unless job.keep_optimizer (the seed, which others continue).
-        self.clock times its parts (fetch or init, train, eval, writeback): one record a segment."""
+        self.clock times its parts (fetch and load, or init; train, eval, writeback): a record a segment."""
         st, ck = self.store, self.clock
         fresh = name not in st
         rec, hits = ck.begin(expert=name), dict(st.stats.hits)
         with ck.part("init" if fresh else "fetch"):
             tensors, meta = job.init() if fresh else st.get(name)
+        with ck.part("init" if fresh else "load"):
             load_state_tensors(self.model, self.opt, tensors)  # copies: the store's views may now expire
         del tensors
         rec["found"] = "new" if fresh else next((k for k in hits if st.stats.hits[k] > hits[k]), "dev")
