@@ -467,7 +467,8 @@ ADDITIVE = ("tokens", "gpu_seconds", "eval_seconds", "flops_6nd", "flops")
 
 def summarize(cfg, mcfg, out: Path, world_size, plan: dict, seed_meta: dict | None) -> dict:
     """gm.json: config, experts with their shares, steps and val losses, and compute summed over
-    experts (and the seed run) in the dense trainer's terms, plus the store's swap accounting.
+    experts (and the seed run) in the dense trainer's terms, plus the store's swap accounting and, from
+    each rank's clock (gmlib.clock), the time its GPU waited for experts (trainer_wait_s, _frac, _parts).
     An expert's `steps` counts from the start of its trajectory (the seed's steps included);
     `own_steps` are the ones it trained itself."""
     shares, max_steps, branch = plan["shares"], plan["max_steps"], plan["branch_step"]
