@@ -1,9 +1,11 @@
 """Scale: the total parameters one GPU trains in one run, every expert taking real optimizer
 steps, with the experts that are not training kept in RAM and on disk through the store.
 
-Each expert: fresh weights on the GPU (the model's own seeded initialisation), `steps` AdamW
-steps on random tokens (or shards), then put into the store as bf16 weights without optimizer
-state (the trade-off is in gmlib/store.py's docstring): a 350m expert is 0.67 GB instead of
+Each expert: fresh weights on the GPU (the model's own seeded initialisation), `steps` steps of
+gmlib.train's Trainer (the loop, AdamW and schedule every dense run and gm expert uses; one model and
+one optimizer borrowed by every expert in turn, as gmlib.gm's ranks do) on random tokens written as
+shards here (or --shards, a shard root with train/), then put into the store as bf16 weights without
+optimizer state (the trade-off is in gmlib/store.py's docstring): a 350m expert is 0.67 GB instead of
 4.0 GB with fp32 weights and Adam moments. The RAM tier holds `ram_gb`; older experts are
 written back to disk. At the end every expert is read back and compared bit for bit with a
 fingerprint taken on the GPU before it left (disk copies are also checked by CRC-32 on read).
@@ -19,6 +21,10 @@ A second call keeps those with a copy on disk and retrains the ones that lived o
       python bench/scale.py /tmp/scale.json --preset tiny --target-params 2e7 --batch 2 --seq-len 64 \
           --steps 2 --ram-gb 0.02 --fresh 1
 
+Why not gmlib.gm.train_gm itself: it keeps every finished expert as fp32 weights on disk (durable,
+4 bytes a parameter: 120 GB for 30B, and the GPU machine has about 60 GB free), where this keeps
+bf16 (2 bytes). The trainer's swaps are measured by bench/offload.py.
+
 Estimate per expert on an H100 (BRIEF.md section 5), 350m (335M params), batch 8x1024: the
 336M compiled trainer ran 191k tok/s, so about 43 ms a step; eager here, say 70 ms; 4 steps
 0.3 s; a new GPT on the GPU and loading it 0.05 s; the bf16 snapshot <1 ms; 0.67 GB to
@@ -27,25 +33,27 @@ experts (30.1B parameters) in about 40 s. The disk write-back of the experts bey
 tier (about 19 x 0.67 GB at 1.05 GB/s, 12 s) runs on the store's I/O thread meanwhile.
 Verification reads 71 experts from RAM (0.07 s each) and 19 from disk (0.55 s each): ~15 s.
 """
-import inspect
 import json
 import math
 import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from gmlib import atomic
-from gmlib.checkpoint import state_tensors
-from gmlib.model import GPT, make_config
-from gmlib.paths import work_dir
-from gmlib.runlog import device_name, git_commit
-from gmlib.store import ExpertStore, buffer_bytes
-from offload import log, parse  # bench/offload.py: the same command line and log lines
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gmlib import atomic  # noqa: E402
+from gmlib.checkpoint import load_state_tensors, state_tensors  # noqa: E402
+from gmlib.data import TokenShards, WindowSampler  # noqa: E402
+from gmlib.model import GPT, make_config  # noqa: E402
+from gmlib.paths import work_dir  # noqa: E402
+from gmlib.runlog import device_name, git_commit  # noqa: E402
+from gmlib.store import ExpertStore, buffer_bytes  # noqa: E402
+from gmlib.train import Trainer, TrainConfig, make_optimizer  # noqa: E402
+from offload import log, parse, synthetic_shards  # noqa: E402  (bench/offload.py: the same command line and log lines)
 
 GB = 1e9
 
@@ -62,7 +70,7 @@ class Config:
     gpu_slots: int = 2
     time_limit: float = 420.0     # seconds: stop training in time to verify and write the JSON
     compile: int = 0              # a few steps per expert do not repay compiling
-    shards: str = ""
+    shards: str = ""              # a shard root with train/; empty: random tokens written beside the store
     store: str = ""               # empty: work/bench_scale/store
     fresh: int = 0                # 1: delete the store and progress first
     seed: int = 0
@@ -88,8 +96,8 @@ def fingerprint(tensors: dict) -> int:
     return total
 
 
-def main():
-    out, cfg = parse(Config, __doc__)
+def main(argv=None):
+    out, cfg = parse(Config, __doc__, argv)
     t_start = time.perf_counter()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -104,6 +112,7 @@ def main():
         shutil.rmtree(root, ignore_errors=True)
         progress_path.unlink(missing_ok=True)
     key = {k: v for k, v in asdict(cfg).items() if k in ("preset", "seq_len", "steps", "batch", "lr", "shards", "seed")}
+    key["loop"] = "gmlib.train.Trainer"  # progress of the older hand-written loop is not reused
     progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {"key": key, "done": {}}
     if progress["key"] != key:
         raise SystemExit(f"{progress_path}: made with {progress['key']}, not {key}; pass --fresh 1 to start over")
@@ -113,9 +122,10 @@ def main():
     torch.manual_seed(cfg.seed)
     with torch.device(device):
         model = GPT(mcfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
-    fwd = torch.compile(model) if cfg.compile else model
-    lean = "return_logits" in inspect.signature(GPT.forward).parameters
+    # the Trainer's settings: a short cosine from lr, no warm-up (a few steps an expert), a loss logged every step
+    tcfg = TrainConfig(max_steps=cfg.steps, batch_size=cfg.batch, lr=cfg.lr, min_lr=cfg.lr / 10, warmup_steps=0,
+                       eval_every=0, log_every=1, compile=bool(cfg.compile), device=str(device))
+    opt = make_optimizer(model, tcfg, device)
     one = buffer_bytes(state_tensors(model), dtype=torch.bfloat16)
     ram_bytes = max(int(cfg.ram_gb * GB), one)
     expect_disk = max(0, n_experts - ram_bytes // one) * one
@@ -127,34 +137,21 @@ def main():
         raise SystemExit(f"not enough free disk under {root.parent}: need about {expect_disk / GB:.1f} GB; raise --ram-gb")
     store = ExpertStore(root, ram_bytes=ram_bytes, gpu_bytes=cfg.gpu_slots * one, device=device, pin=False)
 
-    if cfg.shards:
-        from gmlib.data import TokenShards, WindowSampler
-        sampler = WindowSampler(TokenShards(cfg.shards), T, cfg.batch, seed=cfg.seed)
-
-    def batch(expert: int, step: int):
-        if cfg.shards:
-            x, y = sampler.batch(expert * cfg.steps + step)
-            return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-        g = torch.Generator(device=device).manual_seed(cfg.seed * 100003 + expert * 1009 + step)
-        buf = torch.randint(0, mcfg.vocab_size, (cfg.batch, T + 1), device=device, generator=g)
-        return buf[:, :-1], buf[:, 1:]
+    data = Path(cfg.shards) if cfg.shards else synthetic_shards(root.parent / f"{root.name}.data", mcfg.vocab_size,
+                                                                 64, 4 * T, cfg.seed)
+    shards = TokenShards(data / "train")
 
     def train_expert(i: int) -> dict:
         torch.manual_seed(cfg.seed * 100003 + i)
         with torch.device(device):
             fresh = GPT(mcfg)  # initialised on the GPU
-        model.load_state_dict(fresh.state_dict())
+        # into the one model, in place; no optim.* tensors: a new expert's AdamW state starts empty
+        load_state_tensors(model, opt, {f"model.{k}": v for k, v in fresh.state_dict().items()})
         del fresh
-        opt.state.clear()  # a new expert: its own AdamW state
-        losses = []
-        for s in range(cfg.steps):
-            x, y = batch(i, s)
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                _, loss = fwd(x, y, return_logits=False) if lean else fwd(x, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
+        seed = cfg.seed * 100003 + i  # each expert its own batches
+        tr = Trainer(model, replace(tcfg, seed=seed), WindowSampler(shards, T, cfg.batch, seed=seed), optimizer=opt)
+        tr.run(progress=False)
+        losses = tr.history["loss"]
         weights = state_tensors(model)
         fp = fingerprint(weights)  # of the bf16 weights the store is about to keep
         store.put(names[i], state_tensors(model, opt), meta={"expert": i, "steps": cfg.steps, "fingerprint": str(fp)},
@@ -228,7 +225,7 @@ def main():
         "train_s": train_s, "verify_s": verify_s, "wall_s": time.perf_counter() - t_start,
         "store": {k: s[k] for k in ("bytes_to_ram", "bytes_to_disk", "bytes_from_disk", "bytes_to_dev", "copy_s",
                                     "disk_write_s", "disk_read_s", "put_s", "evictions", "allocs", "corrupt")},
-        "device": device_name(), "torch": torch.__version__, "git_commit": git_commit(),
+        "source": "gmlib.train.Trainer", "device": device_name(), "torch": torch.__version__, "commit": git_commit(),
         "cpu_count": os.cpu_count(), "config": asdict(cfg),
     }
     store.close(flush=False)  # RAM copies are not written out: the disk holds about 60 GB at most

@@ -49,6 +49,7 @@ from .mixture import window_logprobs
 from .model import GPT, GPTConfig, make_config
 from . import routing_cache
 from .checkpoint import read_checkpoint
+from .clock import PARTS, Clock
 from .router import load_router, make_router
 from .store import ExpertStore
 from .train import (VAL_SEED, Trainer, TrainConfig, branch_path, branch_step, make_optimizer, resolve_device,
@@ -142,6 +143,9 @@ def _state_bytes(mcfg: GPTConfig) -> int:
     return sum(3 * (-(-4 * n // 256) * 256) + 256 for n in sizes)
 
 
+state_bytes = _state_bytes  # public: a benchmark sizes the GPU tier (gpu_bytes) in expert states
+
+
 def plan_budget(cfg: GMConfig, tok_step: int, routed_tokens) -> dict:
     """Every step count of a gm, from its total budget. total_steps is what a dense twin with
     max_tokens = cfg.tokens trains (gmlib.train rounds up the same way); the seed takes the
@@ -203,6 +207,8 @@ class _Rank:
         self.model = GPT(mcfg).to(dev)
         self.opt = make_optimizer(self.model, self.tcfg, dev)
         self.steps, self.done = {}, set()  # what is known of each expert without loading it
+        self.finished = {}  # name -> record of an expert finished in the current phase, written at its end
+        self.clock = Clock(dev)  # where the GPU waits for experts (gmlib.clock)
 
     def record_path(self, name):
         return self.out / "experts" / f"{name}.json"
@@ -211,49 +217,69 @@ class _Rank:
         """Load expert `name` (or initialise it: job.init() gives its tensors and, for a branch,
         its trainer state), train it toward step `target` for at most segment_steps, and put it
         back. A run ends at its budget or at job.stop (the seed: its branch step); the last
-        segment stores weights only, unless job.keep_optimizer (the seed, which others continue)."""
-        st = self.store
+        segment stores weights only, unless job.keep_optimizer (the seed, which others continue).
+        self.clock times its parts (fetch and load, or init; train, eval, writeback): a record a segment."""
+        st, ck = self.store, self.clock
         fresh = name not in st
-        tensors, meta = job.init() if fresh else st.get(name)
-        load_state_tensors(self.model, self.opt, tensors)  # copies: the store's views may now expire
+        rec, hits = ck.begin(expert=name), dict(st.stats.hits)
+        with ck.part("init" if fresh else "fetch"):
+            tensors, meta = job.init() if fresh else st.get(name)
+        with ck.part("init" if fresh else "load"):
+            load_state_tensors(self.model, self.opt, tensors)  # copies: the store's views may now expire
         del tensors
+        rec["found"] = "new" if fresh else next((k for k in hits if st.stats.hits[k] > hits[k]), "dev")
         if nxt is not None and nxt in st:
-            st.prefetch(nxt)                               # loads while this expert trains
+            with ck.part("fetch"):
+                st.prefetch(nxt)                           # loads while this expert trains
         tr = Trainer(self.model, job.tcfg, job.train, job.val, optimizer=self.opt)
         if meta.get("trainer"):
             tr.load_state_dict(meta["trainer"])
+        rec["step"] = tr.step
         if fresh and job.val:  # a branched expert's start is its seed's loss on this expert's documents
-            meta["val_loss_start"] = tr.evaluate()
+            with ck.part("eval"):
+                meta["val_loss_start"] = tr.evaluate()
         if not meta.get("done"):
-            before = tr.step
-            acct = tr.run(min(self.cfg.segment_steps, max(0, target - tr.step)), progress=False)
+            before, ev = tr.step, tr.acct["eval_seconds"]
+            with ck.part("train"):
+                acct = tr.run(min(self.cfg.segment_steps, max(0, target - tr.step)), progress=False)
+            ck.move("train", "eval", tr.acct["eval_seconds"] - ev)  # the validation inside run()
             finished = tr.done or tr.step >= job.stop
             meta.update(trainer=tr.state_dict(), accounting=acct, done=finished, rank=self.rank, pid=os.getpid())
             if finished and job.val:  # run() validates a finished expert
                 h = tr.history
                 meta["val_loss"] = h["val_loss"][-1] if h["val_step"][-1:] == [tr.step] else tr.evaluate()
             if tr.step > before or finished:
-                st.put(name, state_tensors(self.model, self.opt), meta, durable=True,
-                       keep_optimizer=job.keep_optimizer or not finished)
+                with ck.part("writeback"):
+                    st.put(name, state_tensors(self.model, self.opt), meta, durable=True,
+                           keep_optimizer=job.keep_optimizer or not finished)
             if self.verbose and tr.history["loss"]:
                 val = f" val {meta['val_loss']:.3f}" if meta.get("val_loss") is not None else ""
                 print(f"  {name}: step {tr.step}/{tr.max_steps} loss {tr.history['loss'][-1]:.3f}{val}", flush=True)
+        rec["step_end"] = tr.step
+        ck.end()
         self.steps[name] = meta["trainer"]["step"]
         if meta["done"]:
             self.done.add(name)
             if not self.record_path(name).is_file():
-                st.flush()  # the record claims what is on disk: write it only after the store has
-                atomic.write_json(self.record_path(name), {"name": name, **meta})
+                self.finished[name] = meta  # its record is written at the end of the phase (phase())
         return meta
 
     def phase(self, jobs: dict, targets: dict):
-        """Round-robin segments until every expert reaches its target (or its budget)."""
+        """Round-robin segments until every expert reaches its target (or its budget); then, once,
+        the store is flushed and the records of the experts finished in the phase are written
+        (a record claims what is on disk; flushing at each expert's end would stall the GPU)."""
         self.done |= {n for n in jobs if self.record_path(n).is_file()}  # finished in an earlier run
         todo = [n for n in jobs if n not in self.done and self.steps.get(n, -1) < targets[n]]
         while todo:
             for i, n in enumerate(todo):
                 self.segment(n, jobs[n], targets[n], todo[(i + 1) % len(todo)] if len(todo) > 1 else None)
             todo = [n for n in todo if n not in self.done and self.steps[n] < targets[n]]
+        if self.finished:
+            with self.clock.part("sync"):
+                self.store.flush()
+            for n, meta in self.finished.items():
+                atomic.write_json(self.record_path(n), {"name": n, **meta})
+            self.finished = {}
 
     def loss_column(self, name, docs, path: Path):
         """Expert `name`'s own mean loss (nats/token) on each refinement document."""
@@ -421,10 +447,11 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
             full[sample_idx] = moved
             _route(router, data_root, out, p + 1, assign=full, cache=routing)
         _barrier()
-    rk.store.flush()
+    with rk.clock.part("sync"):
+        rk.store.flush()
     wall = time.perf_counter() - t0
     mine = {"rank": rank, "world_size": world_size, "experts": [expert_name(e) for e in own], "device": str(dev),
-            "wall_s": wall, "store": rk.store.summary()}
+            "wall_s": wall, "store": rk.store.summary(), "trainer_wait": rk.clock.summary()}
     rk.store.close()
     atomic.write_json(out / "ranks" / f"rank_{rank:03d}.json", mine)
     _barrier()
@@ -440,7 +467,8 @@ ADDITIVE = ("tokens", "gpu_seconds", "eval_seconds", "flops_6nd", "flops")
 
 def summarize(cfg, mcfg, out: Path, world_size, plan: dict, seed_meta: dict | None) -> dict:
     """gm.json: config, experts with their shares, steps and val losses, and compute summed over
-    experts (and the seed run) in the dense trainer's terms, plus the store's swap accounting.
+    experts (and the seed run) in the dense trainer's terms, plus the store's swap accounting and, from
+    each rank's clock (gmlib.clock), the time its GPU waited for experts (trainer_wait_s, _frac, _parts).
     An expert's `steps` counts from the start of its trajectory (the seed's steps included);
     `own_steps` are the ones it trained itself."""
     shares, max_steps, branch = plan["shares"], plan["max_steps"], plan["branch_step"]
@@ -466,6 +494,12 @@ def summarize(cfg, mcfg, out: Path, world_size, plan: dict, seed_meta: dict | No
     swap = {"bytes_moved": sum(moved(r["store"]) for r in ranks), "copy_s": sum(r["store"]["copy_s"] for r in ranks),
             "wait_s": sum(r["store"]["wait_s"] for r in ranks), "wall_s": max(r["wall_s"] for r in ranks)}
     swap["wait_frac"] = max(r["store"]["wait_s"] / r["wall_s"] if r["wall_s"] else 0.0 for r in ranks)
+    # the trainer's own clock (gmlib.clock): time the GPU waited for experts in its segments, by part
+    waits = [r["trainer_wait"] for r in ranks if "trainer_wait" in r]  # a rank record of older code has none
+    if waits:
+        swap.update(trainer_wait_s=sum(w["trainer_wait_s"] for w in waits),
+                    trainer_wait_frac=max(w["trainer_wait_frac"] for w in waits),
+                    trainer_parts={f"{p}_s": sum(w[f"{p}_s"] for w in waits) for p in (*PARTS, "other")})
     seed = None if seed_meta is None else {
         "step": branch, "source": seed_meta.get("source", "trained here"), "val_loss": seed_meta.get("val_loss"),
         "history": seed_meta["trainer"]["history"]}

@@ -133,16 +133,29 @@ def speed_table(records: list, variants: list) -> pd.DataFrame:
 
 
 def store_lines(offload: dict | None, scale: dict | None) -> list[str]:
+    """The README's lines on swapping and scale, from bench/offload.py's and bench/scale.py's records.
+    An offload record without source "gm_trainer" came from the benchmark's own swap loop (before
+    issue 19) and says so."""
     lines = []
-    if offload:
+    if offload and offload.get("source") == "gm_trainer":
+        vs = offload.get("overhead_vs_resident")
+        copies = f", copies at {offload['copy_gb_s']:.1f} GB/s" if offload.get("copy_gb_s") else ""
+        lines.append(f"The gm trainer swapping {offload['experts']} experts of {offload['expert_params'] / 1e6:.0f}M "
+                     f"through a GPU tier of {offload['gpu_slots']}: the GPU waited for experts {offload['overhead_frac']:.2%}"
+                     f" of the wall time (from each expert's second segment on; the whole run "
+                     f"{offload['overhead_frac_whole']:.2%}){copies}, and its time per step was "
+                     + (f"{vs:+.1%} against the same trainer with every expert resident" if vs is not None else
+                        "without a resident run to compare") + f" ({offload.get('device', '')}).")
+    elif offload:
         lines.append(f"Swapping {offload['experts']} experts of {offload['expert_params'] / 1e6:.0f}M through a GPU tier "
                      f"of {offload['gpu_slots']}: the GPU waited {offload['overhead_frac']:.2%} of the wall time, copies ran at "
                      f"{offload['copy_gb_s']:.1f} GB/s, and the run was {offload['overhead_vs_baseline']:.1%} slower "
-                     f"than the same schedule without swapping ({offload.get('device', '')}).")
+                     f"than the same schedule without swapping ({offload.get('device', '')}; the benchmark's own swap "
+                     f"loop, not the gm trainer's).")
     if scale:
         lines.append(f"Parameters trained on one GPU: {scale['total_params'] / 1e9:.2f}B ({scale['experts']} experts of "
                      f"{scale['expert_params'] / 1e6:.0f}M), {scale['seconds_per_expert']:.2f} s an expert, peak "
-                     f"{scale['peak_gpu_gb']:.1f} GB GPU, {scale['peak_ram_gb']:.1f} GB RAM, {scale['disk_gb']:.1f} GB disk "
+                     f"{scale['peak_gpu_gb'] or 0:.1f} GB GPU, {scale['peak_ram_gb']:.1f} GB RAM, {scale['disk_gb']:.1f} GB disk "
                      f"({scale.get('device', '')}).")
     return lines
 

@@ -58,7 +58,8 @@ def main(argv=None):
         a, sw = out["accounting"], out["swap"]
         print(json.dumps({"out": str(args.out), "experts": out["n_experts"], "world_size": world,
                           "val_loss": out["val_loss"], "tokens": a["tokens"], "gpu_seconds": a["gpu_seconds"],
-                          "flops": a["flops"], "wall_s": sw["wall_s"], "wait_frac": sw["wait_frac"]}, indent=1))
+                          "flops": a["flops"], "wall_s": sw["wall_s"], "wait_frac": sw["wait_frac"],
+                          "trainer_wait_frac": sw["trainer_wait_frac"]}, indent=1))
 
 
 if __name__ == "__main__":
