@@ -99,8 +99,9 @@ def test_fused_training_equals_separate_training(shards, activation, grad_accum)
     together = trainers(shards, activation, grad_accum)
     accts = GroupTrainer(together).run([100] * len(together))
     for g, (a, b) in enumerate(zip(alone, together)):
+        n = MEMBERS[g]["max_steps"]
         assert (b.step, b.data_pos, b.acct["tokens"]) == (a.step, a.data_pos, a.acct["tokens"]) == \
-               (MEMBERS[g]["max_steps"], MEMBERS[g]["max_steps"] * grad_accum, MEMBERS[g]["max_steps"] * B * T * grad_accum)
+               (n, n * grad_accum, n * B * T * grad_accum)
         assert min(a.history["grad_norm"]) > COMMON["grad_clip"]  # clipping acted at every step
         for k in ("step", "lr", "val_step"):
             assert a.history[k] == b.history[k], (g, k)
@@ -149,3 +150,54 @@ def test_members_that_cannot_share_a_pass_are_refused(shards):
     c = trainers(shards, activation="swiglu")[0]
     with pytest.raises(ValueError, match="model config"):
         GroupTrainer([a, c])
+
+
+# ---- in the gm trainer: group_size G trains G experts of a rank together, with the same outcome
+
+GM = dict(n_experts=3, router="random", model={"seq_len": T}, budget="share", tokens=60 * B * T, segment_steps=4,
+          seed_fraction=0.25, schedule="wsd", decay_frac=0.3, batch_size=B, lr=1e-2, min_lr=1e-3, warmup_steps=3,
+          eval_every=0, eval_batches=2, log_every=2, device="cpu")
+
+
+def store_weights(out, names):
+    from gmlib.store import ExpertStore
+    with ExpertStore(out / "store", 1 << 30, 1 << 30) as st:
+        return {n: {k: v.clone() for k, v in st.read(n)[0].items() if k.startswith("model.")} for n in names}
+
+
+@pytest.fixture(scope="module")
+def gm_alone(shards, tmp_path_factory):
+    from gmlib import gm
+    out = tmp_path_factory.mktemp("gm_g1")
+    return out, gm.train_gm(gm.GMConfig.from_dict(GM), shards, out)
+
+
+@pytest.mark.parametrize("group_size", [2, 3])
+def test_gm_with_groups_trains_the_same_experts(gm_alone, shards, tmp_path, group_size):
+    """group_size 2 (a group of two and a lone expert) and 3 (one group that shrinks as the experts'
+    shares of the budget run out at different steps) give group_size 1's experts and records."""
+    from gmlib import gm
+    out1, s1 = gm_alone
+    s = gm.train_gm(gm.GMConfig.from_dict({**GM, "group_size": group_size}), shards, tmp_path)
+    assert len({r["steps"] for r in s1["records"]}) > 1  # the budgets differ, so a group shrinks
+    for a, b in zip(s1["records"], s["records"]):
+        assert (b["steps"], b["own_steps"], b["accounting"]["tokens"]) == \
+               (a["steps"], a["own_steps"], a["accounting"]["tokens"])
+        assert b["history"]["step"] == a["history"]["step"] and b["accounting"]["gpu_seconds"] > 0
+        np.testing.assert_allclose(b["history"]["loss"], a["history"]["loss"], **TOL)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-5)
+        assert b["val_loss_start"] == pytest.approx(a["val_loss_start"], abs=1e-5)
+    w1, w = store_weights(out1, s1["experts"]), store_weights(tmp_path, s["experts"])
+    for n in w1:
+        for k in w1[n]:
+            torch.testing.assert_close(w[n][k], w1[n][k], **TOL, msg=f"{n} {k}")
+    assert s["accounting"]["tokens"] == s1["accounting"]["tokens"]
+
+
+def test_group_size_is_checked():
+    from gmlib import gm
+    with pytest.raises(ValueError, match="group_size"):
+        gm.GMConfig(group_size=0)
+    with pytest.raises(ValueError, match="fused group"):
+        gm.GMConfig.from_dict({"group_size": 2, "fp8": "all"})
+    assert gm.GMConfig().group_size == 1  # one expert at a time unless asked
