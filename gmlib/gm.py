@@ -87,7 +87,7 @@ class GMConfig:
     train_top_r: int = 1            # each training document goes to its r best experts (n_experts: to all)
     refine_rounds: int = 0          # expert-feedback re-routings during training (r = 1 only)
     refine_docs: int = 512          # training documents every expert scores for a refinement
-    gpu_bytes: int | None = None    # store's GPU tier (None: two expert states)
+    gpu_bytes: int | None = None    # store's GPU tier (None: two groups of expert states)
     ram_bytes: int | None = None    # store's RAM tier (None: this rank's experts + 2, at most half the RAM)
     device: str = "auto"
     seed: int = 0

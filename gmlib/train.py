@@ -19,6 +19,8 @@ The multi-expert trainer drives a Trainer one expert at a time: build it around 
 model and optimizer, `run(n)` steps, and move the state out and in with `state_dict()` /
 `load_state_dict()` (JSON-able: step, data position, accounting, history) plus
 checkpoint.state_tensors() / load_state_tensors() for the tensors. No files involved.
+gmlib.fused trains several Trainers' models in one batched pass through the public parts of a
+step (start_step, next_batch, finish_step, log): each keeps its own schedule, optimizer and books.
 """
 import base64
 import math
