@@ -1,10 +1,12 @@
 """Several experts of one shape trained as one batched model: small experts fill the GPU together.
 
-Why. A 30m expert trains at about 27% MFU on an H200 where the 124M model reaches 52% (issue 19):
-its kernels are too small to keep the GPU busy. gm's experts exchange nothing, so G of them can
+Why. A 30m expert trains at about 27% MFU on an H200 where the 124M model reaches 52% (issue 19),
+and gm trains its experts one after another. Experts exchange nothing, so G of them can
 share one forward and backward pass in which every matmul is one batched matmul over the G experts
 (HFTA, Wang et al., "Horizontally Fused Training Array", MLSys 2021: 2-15x for small models on one
-GPU). Each expert still trains on its own batch of its own routed data.
+GPU, where small kernels leave it idle). Each expert still trains on its own batch of its own routed
+data. Where it pays (a batch per expert small enough that one expert's kernels leave the GPU idle)
+is measured by bench/fused_experts.py, for several batch and group sizes.
 
 How. The experts stay G ordinary GPT modules, each with its own AdamW (gmlib.train.make_optimizer),
 gradient clipping, learning-rate schedule, data position and bookkeeping: one gmlib.train.Trainer
@@ -18,16 +20,17 @@ own .grad; then each Trainer clips, steps and counts as it does alone (Trainer.f
 Why not keep the weights stacked for good. Per-expert AdamW, clipping and learning rates would then
 need an optimizer written here for stacked tensors (the fused CUDA AdamW takes one lr per group),
 and every checkpoint and store entry would be cut out of the stack. Stacking each step costs one
-read and one write of the fp32 weights (about 1% of a 30m step at batch 32; autocast casts every
-weight to bf16 each step anyway), and it keeps ONE optimizer path for fused and separate training,
-so they cannot drift apart: a lost first attempt with its own stacked optimizer matched on the CPU
-and differed by nats on the GPU. The state dicts are the GPTs' own; `stack_state` and
+read and one write of the fp32 weights (estimated: 2 GB for 8 x 30m, about 1% of their step at
+batch 32; autocast casts every weight to bf16 each step anyway), and it keeps ONE optimizer path for
+fused and separate training. A lost first attempt matched on the CPU and differed by nats on the GPU,
+for a cause not found; here whatever differs can only be in the forward and backward, which the
+benchmark's first-step loss difference isolates. The state dicts are the GPTs' own; `stack_state` and
 `unstack_state` convert between G of them and the stacked form, exactly.
 
 Numerics. In fp32 on the CPU fused and separate training agree to about 1e-6 (tests/test_fused.py):
 only the order of sums inside the matmuls differs. Under bf16 autocast on CUDA the batched matmuls
 round as F.linear does (bf16 inputs, fp32 accumulation), the loss comes from bf16 logits upcast in
-the cross-entropy as in GPT.forward, so the two differ by bf16 rounding, which training then
+the cross-entropy as in GPT.forward, so the two should differ by bf16 rounding, which training then
 amplifies as any change of kernel does; bench/fused_experts.py measures that per expert and step
 against the same amplification between the compiled and the eager separate runs.
 
