@@ -201,3 +201,15 @@ def test_group_size_is_checked():
     with pytest.raises(ValueError, match="fused group"):
         gm.GMConfig.from_dict({"group_size": 2, "fp8": "all"})
     assert gm.GMConfig().group_size == 1  # one expert at a time unless asked
+
+
+def test_fused_loss_compiles_as_one_graph():
+    """torch.compile sees the whole fused pass as one graph (a break would split the GPU's kernels
+    and cost a host round trip each step); dynamo's trace alone, no code generation."""
+    torch._dynamo.reset()
+    cfg = make_config("tiny", vocab_size=V, seq_len=T, activation="swiglu")
+    models = [GPT(cfg) for _ in range(2)]
+    idx = torch.randint(0, V, (2, B, T))
+    w = stack_state([dict(m.named_parameters()) for m in models])
+    ex = torch._dynamo.explain(fused_loss)(w, cfg, idx, idx, models[0].rope_cos, models[0].rope_sin)
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons
