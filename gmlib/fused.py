@@ -131,6 +131,8 @@ def check_group(trainers: list[Trainer]):
             raise ValueError(f"GroupTrainer: the members differ in {bad}; a fused group needs them equal")
         if t.cfg.fp8:
             raise ValueError("GroupTrainer: fp8 is not supported in a fused group (use group_size 1)")
+        if t.ckpt_path:
+            raise ValueError("GroupTrainer: a fused group writes no checkpoint files; save each Trainer yourself")
 
 
 class GroupTrainer:

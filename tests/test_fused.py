@@ -150,6 +150,8 @@ def test_members_that_cannot_share_a_pass_are_refused(shards):
     c = trainers(shards, activation="swiglu")[0]
     with pytest.raises(ValueError, match="model config"):
         GroupTrainer([a, c])
+    with pytest.raises(ValueError, match="no checkpoint files"):
+        GroupTrainer([a, Trainer(b.model, b.cfg, b.train_data, ckpt_path=shards / "ck.safetensors")])
 
 
 # ---- in the gm trainer: group_size G trains G experts of a rank together, with the same outcome
