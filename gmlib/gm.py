@@ -17,7 +17,10 @@ ordinary loop. This module only decides the schedule:
      max_tokens; what the seed leaves is split by the experts' shares of the routed tokens
      (budget "share"; "fixed": each expert's trajectory is `tokens` long, K times the compute).
      With train_top_r = r each training document goes to its r best experts (r = n_experts:
-     every expert sees all data, an ensemble whose members differ in data order and init);
+     every expert sees all data, an ensemble whose members differ in data order and init).
+     With group_size G > 1 the segments are those of groups of G experts that train together as one
+     fused model (gmlib.fused: one batched forward and backward, each expert's own optimizer, schedule,
+     data and accounting), while the others wait in the store;
   4. refinement (optional): the budget is cut into refine_rounds + 1 phases; after a phase every
      expert scores a fixed sample of training documents with ITS OWN model, the router moves each
      document to the expert that predicts it best (the prototypes follow), train and val are
@@ -45,6 +48,7 @@ import torch.distributed as dist
 from . import atomic
 from .checkpoint import load_state_tensors, state_tensors
 from .data import TokenShards, WindowSampler
+from .fused import GroupTrainer
 from .mixture import window_logprobs
 from .model import GPT, GPTConfig, make_config
 from . import routing_cache
@@ -58,9 +62,10 @@ from .train import (VAL_SEED, Trainer, TrainConfig, branch_path, branch_step, ma
 FORMAT = "gm-v1"
 SEED = "seed"  # the store name of the shared BTM seed run
 # settings a rerun into the same out_dir may change: they do not change what any expert learns
-# (each expert's run is independent of the order of segments); every other setting must stay
-FREE = {"device", "gpu_bytes", "ram_bytes", "segment_steps", "compile", "compile_mode", "eval_every", "log_every",
-        "ckpt_every"}
+# (each expert's run is independent of the order of segments; compile and group_size change only
+# the rounding); every other setting must stay
+FREE = {"device", "gpu_bytes", "ram_bytes", "segment_steps", "group_size", "compile", "compile_mode", "eval_every",
+        "log_every", "ckpt_every"}
 
 
 @dataclass
@@ -74,6 +79,8 @@ class GMConfig:
     #                                 shares; "fixed": each expert's run (seed + own) is `tokens` long
     tokens: int = 1_000_000         # the whole gm's budget, seed included: its dense twin's max_tokens
     segment_steps: int = 1000       # steps an expert trains before the next one is swapped in
+    group_size: int = 1             # experts trained together as one fused model (gmlib.fused): small experts
+    #                                 fill the GPU; 1: one at a time (large experts)
     seed_fraction: float = 0.0      # share of the budget spent in the seed run every expert branches from; 0: none
     seed_steps: int = 0             # the branch point in steps instead (older params); at most one of the two
     seed_from: str | None = None    # a dense run's checkpoint folder whose branch_<step> file is the seed
@@ -81,7 +88,7 @@ class GMConfig:
     train_top_r: int = 1            # each training document goes to its r best experts (n_experts: to all)
     refine_rounds: int = 0          # expert-feedback re-routings during training (r = 1 only)
     refine_docs: int = 512          # training documents every expert scores for a refinement
-    gpu_bytes: int | None = None    # store's GPU tier (None: two expert states)
+    gpu_bytes: int | None = None    # store's GPU tier (None: two groups of expert states)
     ram_bytes: int | None = None    # store's RAM tier (None: this rank's experts + 2, at most half the RAM)
     device: str = "auto"
     seed: int = 0
@@ -94,7 +101,7 @@ class GMConfig:
             self.train = TrainConfig(**self.train)
         if self.budget not in ("share", "fixed"):
             raise ValueError(f"GMConfig: budget={self.budget!r}; choose 'share' or 'fixed'")
-        for k in ("n_experts", "tokens", "segment_steps", "refine_docs", "train_top_r"):
+        for k in ("n_experts", "tokens", "segment_steps", "refine_docs", "train_top_r", "group_size"):
             if getattr(self, k) < 1:
                 raise ValueError(f"GMConfig: {k}={getattr(self, k)} must be >= 1")
         if not 0 <= self.seed_fraction < 1 or self.seed_steps < 0 or (self.seed_fraction and self.seed_steps):
@@ -104,6 +111,8 @@ class GMConfig:
             raise ValueError("GMConfig: seed_from needs a branch point (seed_fraction or seed_steps)")
         if self.train_top_r > self.n_experts:
             raise ValueError(f"GMConfig: train_top_r={self.train_top_r} > n_experts={self.n_experts}")
+        if self.group_size > 1 and self.train.fp8:
+            raise ValueError("GMConfig: fp8 matmuls are not supported in a fused group; use group_size=1")
         if self.train_top_r > 1 and self.refine_rounds:
             raise ValueError("GMConfig: refinement moves each document to one expert; use it with train_top_r=1")
 
@@ -193,7 +202,8 @@ def _refine_sample(train: TokenShards, n: int, seed: int) -> np.ndarray:
 
 
 class _Rank:
-    """One rank's machinery: one GPT and one AdamW that every expert it trains borrows in turn."""
+    """One rank's machinery: group_size GPTs, each with its AdamW, that the experts it trains borrow
+    in turn (slot 0 alone when group_size is 1)."""
 
     def __init__(self, cfg: GMConfig, mcfg: GPTConfig, out: Path, dev: torch.device, n_own: int, rank: int,
                  verbose: bool):
@@ -201,11 +211,13 @@ class _Rank:
         self.tcfg = replace(cfg.train, device=str(dev))
         one = _state_bytes(mcfg)
         phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        # the GPU tier's default: the group in training and the next group, prefetched
         self.store = ExpertStore(out / "store", cfg.ram_bytes or max(one, min((n_own + 2) * one, phys // 2)),
-                                 cfg.gpu_bytes or 2 * one, dev)
+                                 cfg.gpu_bytes or 2 * cfg.group_size * one, dev)
         torch.manual_seed(cfg.seed)
-        self.model = GPT(mcfg).to(dev)
-        self.opt = make_optimizer(self.model, self.tcfg, dev)
+        self.models = [GPT(mcfg).to(dev) for _ in range(cfg.group_size)]
+        self.opts = [make_optimizer(m, self.tcfg, dev) for m in self.models]
+        self.model = self.models[0]
         self.steps, self.done = {}, set()  # what is known of each expert without loading it
         self.finished = {}  # name -> record of an expert finished in the current phase, written at its end
         self.clock = Clock(dev)  # where the GPU waits for experts (gmlib.clock)
@@ -213,50 +225,49 @@ class _Rank:
     def record_path(self, name):
         return self.out / "experts" / f"{name}.json"
 
-    def segment(self, name, job, target, nxt=None) -> dict:
-        """Load expert `name` (or initialise it: job.init() gives its tensors and, for a branch,
-        its trainer state), train it toward step `target` for at most segment_steps, and put it
-        back. A run ends at its budget or at job.stop (the seed: its branch step); the last
-        segment stores weights only, unless job.keep_optimizer (the seed, which others continue).
-        self.clock times its parts (fetch and load, or init; train, eval, writeback): a record a segment."""
+    def _load(self, name, job, slot: int) -> tuple[dict, bool]:
+        """Expert `name`'s state (or job.init()'s: its tensors and, for a branch, its trainer state)
+        copied into slot `slot`; returns (meta, fresh). The clock counts fetch and load (init for a
+        new expert)."""
         st, ck = self.store, self.clock
         fresh = name not in st
-        rec, hits = ck.begin(expert=name), dict(st.stats.hits)
         with ck.part("init" if fresh else "fetch"):
             tensors, meta = job.init() if fresh else st.get(name)
         with ck.part("init" if fresh else "load"):
-            load_state_tensors(self.model, self.opt, tensors)  # copies: the store's views may now expire
-        del tensors
-        rec["found"] = "new" if fresh else next((k for k in hits if st.stats.hits[k] > hits[k]), "dev")
-        if nxt is not None and nxt in st:
-            with ck.part("fetch"):
-                st.prefetch(nxt)                           # loads while this expert trains
-        tr = Trainer(self.model, job.tcfg, job.train, job.val, optimizer=self.opt)
+            load_state_tensors(self.models[slot], self.opts[slot], tensors)  # copies: the store's views may now expire
+        return meta, fresh
+
+    def _prefetch(self, names):
+        with self.clock.part("fetch"):
+            for n in names:  # loads while this segment trains
+                if n in self.store:
+                    self.store.prefetch(n)
+
+    def _trainer(self, job, slot: int, meta: dict, fresh: bool) -> Trainer:
+        tr = Trainer(self.models[slot], job.tcfg, job.train, job.val, optimizer=self.opts[slot])
         if meta.get("trainer"):
             tr.load_state_dict(meta["trainer"])
-        rec["step"] = tr.step
         if fresh and job.val:  # a branched expert's start is its seed's loss on this expert's documents
-            with ck.part("eval"):
+            with self.clock.part("eval"):
                 meta["val_loss_start"] = tr.evaluate()
-        if not meta.get("done"):
-            before, ev = tr.step, tr.acct["eval_seconds"]
-            with ck.part("train"):
-                acct = tr.run(min(self.cfg.segment_steps, max(0, target - tr.step)), progress=False)
-            ck.move("train", "eval", tr.acct["eval_seconds"] - ev)  # the validation inside run()
-            finished = tr.done or tr.step >= job.stop
-            meta.update(trainer=tr.state_dict(), accounting=acct, done=finished, rank=self.rank, pid=os.getpid())
-            if finished and job.val:  # run() validates a finished expert
-                h = tr.history
-                meta["val_loss"] = h["val_loss"][-1] if h["val_step"][-1:] == [tr.step] else tr.evaluate()
-            if tr.step > before or finished:
-                with ck.part("writeback"):
-                    st.put(name, state_tensors(self.model, self.opt), meta, durable=True,
-                           keep_optimizer=job.keep_optimizer or not finished)
-            if self.verbose and tr.history["loss"]:
-                val = f" val {meta['val_loss']:.3f}" if meta.get("val_loss") is not None else ""
-                print(f"  {name}: step {tr.step}/{tr.max_steps} loss {tr.history['loss'][-1]:.3f}{val}", flush=True)
-        rec["step_end"] = tr.step
-        ck.end()
+        return tr
+
+    def _put(self, name, job, slot: int, tr: Trainer, meta: dict, before: int, acct: dict):
+        """After a segment: the expert's state and record back to the store (durably)."""
+        finished = tr.done or tr.step >= job.stop
+        meta.update(trainer=tr.state_dict(), accounting=acct, done=finished, rank=self.rank, pid=os.getpid())
+        if finished and job.val:  # run() validates a finished expert
+            h = tr.history
+            meta["val_loss"] = h["val_loss"][-1] if h["val_step"][-1:] == [tr.step] else tr.evaluate()
+        if tr.step > before or finished:
+            with self.clock.part("writeback"):
+                self.store.put(name, state_tensors(self.models[slot], self.opts[slot]), meta, durable=True,
+                               keep_optimizer=job.keep_optimizer or not finished)
+        if self.verbose and tr.history["loss"]:
+            val = f" val {meta['val_loss']:.3f}" if meta.get("val_loss") is not None else ""
+            print(f"  {name}: step {tr.step}/{tr.max_steps} loss {tr.history['loss'][-1]:.3f}{val}", flush=True)
+
+    def _record(self, name, meta: dict) -> dict:
         self.steps[name] = meta["trainer"]["step"]
         if meta["done"]:
             self.done.add(name)
@@ -264,15 +275,75 @@ class _Rank:
                 self.finished[name] = meta  # its record is written at the end of the phase (phase())
         return meta
 
+    def _found(self, hits: dict, fresh: bool) -> str:
+        """Where the store found what a segment loaded: new, or the slowest tier that served it."""
+        now = self.store.stats.hits
+        return "new" if fresh else next((k for k in ("disk", "ram", "dev") if now[k] > hits.get(k, 0)), "dev")
+
+    def segment(self, name, job, target, nxt=()) -> dict:
+        """Load expert `name` (or initialise it), train it toward step `target` for at most
+        segment_steps, and put it back, prefetching the experts `nxt` meanwhile. A run ends at its
+        budget or at job.stop (the seed: its branch step); the last segment stores weights only,
+        unless job.keep_optimizer (the seed, which others continue). self.clock times its parts
+        (fetch and load, or init; train, eval, writeback): a record a segment."""
+        ck, hits = self.clock, dict(self.store.stats.hits)
+        rec = ck.begin(expert=name)
+        meta, fresh = self._load(name, job, 0)
+        rec["found"] = self._found(hits, fresh)
+        self._prefetch(nxt)
+        tr = self._trainer(job, 0, meta, fresh)
+        rec["step"] = tr.step
+        if not meta.get("done"):
+            before, ev = tr.step, tr.acct["eval_seconds"]
+            with ck.part("train"):
+                acct = tr.run(min(self.cfg.segment_steps, max(0, target - tr.step)), progress=False)
+            ck.move("train", "eval", tr.acct["eval_seconds"] - ev)  # the validation inside run()
+            self._put(name, job, 0, tr, meta, before, acct)
+        rec["step_end"] = tr.step
+        ck.end()
+        return self._record(name, meta)
+
+    def group_segment(self, names, jobs, targets, nxt=()) -> list[dict]:
+        """segment() for several experts at once: loaded into the slots, trained together as one
+        fused model (gmlib.fused), each toward its own target and budget, put back one by one. One
+        clock record for the group (expert "a+b+...", its steps summed over the members)."""
+        ck, hits = self.clock, dict(self.store.stats.hits)
+        rec = ck.begin(expert="+".join(names))
+        loaded = [self._load(n, jobs[n], slot) for slot, n in enumerate(names)]
+        rec["found"] = self._found(hits, any(fresh for _, fresh in loaded))
+        self._prefetch(nxt)
+        trs = [self._trainer(jobs[n], slot, *loaded[slot]) for slot, n in enumerate(names)]
+        rec["step"] = sum(tr.step for tr in trs)
+        slots = [s for s, (meta, _) in enumerate(loaded) if not meta.get("done")]
+        if slots:
+            before = {s: trs[s].step for s in slots}
+            ev = sum(trs[s].acct["eval_seconds"] for s in slots)
+            steps = [min(self.cfg.segment_steps, max(0, targets[names[s]] - trs[s].step)) for s in slots]
+            with ck.part("train"):
+                accts = GroupTrainer([trs[s] for s in slots]).run(steps)
+            ck.move("train", "eval", sum(trs[s].acct["eval_seconds"] for s in slots) - ev)
+            for s, acct in zip(slots, accts):
+                self._put(names[s], jobs[names[s]], s, trs[s], loaded[s][0], before[s], acct)
+        rec["step_end"] = sum(tr.step for tr in trs)
+        ck.end()
+        return [self._record(n, meta) for n, (meta, _) in zip(names, loaded)]
+
     def phase(self, jobs: dict, targets: dict):
-        """Round-robin segments until every expert reaches its target (or its budget); then, once,
-        the store is flushed and the records of the experts finished in the phase are written
-        (a record claims what is on disk; flushing at each expert's end would stall the GPU)."""
+        """Round-robin segments until every expert reaches its target (or its budget), with group_size
+        G > 1 in groups of G that train together (a lone expert trains alone); then, once, the store
+        is flushed and the records of the experts finished in the phase are written (a record claims
+        what is on disk; flushing at each expert's end would stall the GPU)."""
         self.done |= {n for n in jobs if self.record_path(n).is_file()}  # finished in an earlier run
         todo = [n for n in jobs if n not in self.done and self.steps.get(n, -1) < targets[n]]
+        G = self.cfg.group_size
         while todo:
-            for i, n in enumerate(todo):
-                self.segment(n, jobs[n], targets[n], todo[(i + 1) % len(todo)] if len(todo) > 1 else None)
+            groups = [todo[i:i + G] for i in range(0, len(todo), G)]
+            for i, grp in enumerate(groups):
+                nxt = groups[(i + 1) % len(groups)] if len(groups) > 1 else []
+                if len(grp) == 1:
+                    self.segment(grp[0], jobs[grp[0]], targets[grp[0]], nxt)
+                else:
+                    self.group_segment(grp, jobs, targets, nxt)
             todo = [n for n in todo if n not in self.done and self.steps[n] < targets[n]]
         if self.finished:
             with self.clock.part("sync"):

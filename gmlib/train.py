@@ -19,6 +19,8 @@ The multi-expert trainer drives a Trainer one expert at a time: build it around 
 model and optimizer, `run(n)` steps, and move the state out and in with `state_dict()` /
 `load_state_dict()` (JSON-able: step, data position, accounting, history) plus
 checkpoint.state_tensors() / load_state_tensors() for the tensors. No files involved.
+gmlib.fused trains several Trainers' models in one batched pass through the public parts of a
+step (start_step, next_batch, finish_step, log): each keeps its own schedule, optimizer and books.
 """
 import base64
 import math
@@ -194,7 +196,7 @@ class Trainer:
         return self.progress() >= 1.0
 
     # ---- the loop ----
-    def _autocast(self):
+    def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
 
     def _batch(self, sampler: WindowSampler, i: int):
@@ -203,24 +205,40 @@ class Trainer:
             xy = xy.pin_memory().to(self.device, non_blocking=True)
         return xy[0], xy[1]
 
-    def _train_step(self):
+    # ---- one optimizer step in three public parts: gmlib.fused drives several Trainers through them ----
+    def start_step(self) -> float:
+        """Set this step's learning rate (the schedule at the current step and progress); returns it."""
         lr = lr_at(self.cfg, self.step, self.progress())
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        total = 0.0
-        for _ in range(self.cfg.grad_accum):
-            x, y = self._batch(self.train_data, self.data_pos)
-            self.data_pos += 1
-            with self._autocast():
-                _, loss = self.forward(x, y, return_logits=False)
-            (loss / self.cfg.grad_accum).backward()
-            total = total + loss.detach()
+        return lr
+
+    def next_batch(self):
+        """The next training micro-batch (inputs, targets) on the device; advances the data position."""
+        x, y = self._batch(self.train_data, self.data_pos)
+        self.data_pos += 1
+        return x, y
+
+    def finish_step(self):
+        """After the micro-batches' backward: clip, step the optimizer, clear the gradients, count the
+        step and its tokens. Returns the gradient norm before clipping (a device tensor)."""
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.acct["tokens"] += self.tokens_per_step
-        return total / self.cfg.grad_accum, norm, lr
+        return norm
+
+    def _train_step(self):
+        lr = self.start_step()
+        total = 0.0
+        for _ in range(self.cfg.grad_accum):
+            x, y = self.next_batch()
+            with self.autocast():
+                _, loss = self.forward(x, y, return_logits=False)
+            (loss / self.cfg.grad_accum).backward()
+            total = total + loss.detach()
+        return total / self.cfg.grad_accum, self.finish_step(), lr
 
     def _sync_time(self):
         """Close the current timed stretch (synchronising the device so the time is real)."""
@@ -247,7 +265,7 @@ class Trainer:
             last = self.step >= end or finished
             if self.step % cfg.log_every == 0 or last:
                 self._sync_time()
-                self._log(pending, (self.acct["tokens"] - tok_log) / max(self.acct["seconds"] - t_log, 1e-9), bar)
+                self.log(pending, (self.acct["tokens"] - tok_log) / max(self.acct["seconds"] - t_log, 1e-9), bar)
                 pending, t_log, tok_log = [], self.acct["seconds"], self.acct["tokens"]
                 if callback:
                     callback(self)
@@ -267,7 +285,9 @@ class Trainer:
         bar.close()
         return self.accounting()
 
-    def _log(self, pending, tokens_per_s, bar):
+    def log(self, pending, tokens_per_s, bar=None):
+        """Append one history point for the steps in `pending` ((loss, grad norm, lr) per step, device
+        tensors: this is the interval's host sync); FloatingPointError if the loss diverged."""
         losses, norms, lrs = zip(*pending)
         losses = torch.stack(list(losses)).float().tolist()  # the host sync of this interval
         norms = torch.stack(list(norms)).float().tolist()
@@ -277,8 +297,9 @@ class Trainer:
         for k, v in (("step", self.step), ("loss", loss), ("lr", lrs[-1]), ("grad_norm", max(norms)),
                      ("tokens_per_s", tokens_per_s)):
             self.history[k].append(v)
-        bar.update(self.step - bar.n)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+        if bar is not None:
+            bar.update(self.step - bar.n)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
 
     @torch.no_grad()
     def evaluate(self, batches: int | None = None, sampler: WindowSampler | None = None) -> float:
@@ -293,7 +314,7 @@ class Trainer:
         n = batches or self.cfg.eval_batches
         for i in range(n):
             x, y = self._batch(sampler, i)
-            with self._autocast():
+            with self.autocast():
                 total += self.model(x, y, return_logits=False)[1].float()
         self.model.train(was_training)
         loss = total.item() / n

@@ -151,3 +151,16 @@ def test_report_reads_an_offload_record_of_the_old_loop():
            "overhead_vs_baseline": 0.025, "device": "NVIDIA H100 80GB HBM3"}
     (line,) = report.store_lines(old, None)
     assert "0.87%" in line and "not the gm trainer's" in line
+
+
+def test_fused_groups_keep_the_clock(shards, tmp_path):
+    # group_size 2 (gmlib.fused): one clock record per group, its steps summed over its members
+    s = gm.train_gm(gm.GMConfig.from_dict({**CFG, "group_size": 2}), shards, tmp_path)
+    tw = s["ranks"][0]["trainer_wait"]
+    segs = tw["segments"]
+    assert len(segs) == 2 * 3 and all("+" in seg["expert"] for seg in segs)
+    assert sum(seg["step_end"] - seg["step"] for seg in segs) == 4 * 9
+    assert [seg["found"] for seg in segs[:2]] == ["new"] * 2 and all(seg["found"] != "new" for seg in segs[2:])
+    assert tw["trainer_wait_s"] == pytest.approx(sum(tw[f"{p}_s"] for p in WAIT)) and tw["train_s"] > 0
+    for seg in segs:
+        assert min(seg[f"{p}_s"] for p in PARTS) >= 0 and sum(seg[f"{p}_s"] for p in PARTS) <= seg["wall_s"] + 1e-6
