@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import ACTIVATIONS, GATED, GPT, apply_rope
+from .model import ACTIVATIONS, GATED, GPT
 
 SLOT_ROUND = 128          # cache slots are rounded up to a multiple of this (fewer shapes, fewer graphs)
 MAX_BATCH = 32            # prompts decoded together; more are done in chunks
@@ -71,14 +71,29 @@ def sample(logp: np.ndarray, temperature: float, top_p: float, rng: np.random.Ge
     return int(min(np.searchsorted(c, rng.random() * c[-1], side="right"), len(p) - 1))
 
 
-def _mm(a, w):
-    """a (E, B, T, K) times each expert's w (E, N, K) transposed -> (E, B, T, N): one batched matmul."""
+def _mm(a, w, add=None):
+    """a (E, B, T, K) times each expert's w (E, N, K) transposed -> (E, B, T, N), one batched matmul;
+    plus `add` (E, B, T, N) in the same kernel (a residual connection)."""
     E, B, T, K = a.shape
-    return torch.bmm(a.reshape(E, B * T, K), w.transpose(1, 2)).view(E, B, T, -1)
+    a, wt = a.reshape(E, B * T, K), w.transpose(1, 2)
+    out = torch.bmm(a, wt) if add is None else torch.baddbmm(add.reshape(E, B * T, -1), a, wt)
+    return out.view(E, B, T, -1)
 
 
 def _norm(x, g):
-    return F.rms_norm(x, (x.shape[-1],), eps=1e-6) * g[:, None, None, :]  # nn.RMSNorm(eps=1e-6), one gain per expert
+    """nn.RMSNorm(eps=1e-6) with one gain per expert; one model: the same fused call as nn.RMSNorm."""
+    if g.shape[0] == 1:
+        return F.rms_norm(x, (x.shape[-1],), g[0], eps=1e-6)
+    return F.rms_norm(x, (x.shape[-1],), eps=1e-6) * g[:, None, None, :]
+
+
+def _interleave(n_head: int, head_dim: int) -> torch.Tensor:
+    """Row order of a q or k projection that puts the rotated pairs (i, i + D/2) of every head side by
+    side, so RoPE is one complex multiply. Attention scores are dot products of q and k over a head's
+    dimensions, unchanged when both are permuted alike; v and the cache's readers never see the order."""
+    half = head_dim // 2
+    within = torch.stack([torch.arange(half), torch.arange(half) + half], dim=-1).flatten()
+    return (torch.arange(n_head)[:, None] * head_dim + within).flatten()
 
 
 class Decoder:
@@ -91,7 +106,9 @@ class Decoder:
         self.residual_dtype = template.residual_dtype
         z = lambda *shape, dtype=p0.dtype: torch.zeros(*shape, dtype=dtype, device=self.dev)  # noqa: E731
         self.w = {name: z(n_models, *p.shape, dtype=p.dtype) for name, p in template.named_parameters()}
-        self.cos, self.sin = template.rope_cos.clone(), template.rope_sin.clone()
+        qk = _interleave(self.H, self.D)
+        self.qkv_rows = torch.cat([qk, qk + cfg.n_embd, torch.arange(2 * cfg.n_embd, 3 * cfg.n_embd)]).to(self.dev)
+        self.rope = torch.complex(template.rope_cos, template.rope_sin)  # (seq_len, D/2): e^(i·pos·freq)
         self.act = GATED[cfg.activation] if cfg.gated else ACTIVATIONS[cfg.activation]
         cache = (n_models, batch, self.H, slots, self.D)
         self.k = [z(*cache) for _ in range(cfg.n_layer)]
@@ -115,7 +132,7 @@ class Decoder:
             if m.cfg != self.cfg:
                 raise ValueError(f"decode: expert {e} has config {m.cfg}, the others {self.cfg}")
             for name, p in m.named_parameters():
-                self.w[name][e].copy_(p)
+                self.w[name][e].copy_(p[self.qkv_rows] if name.endswith("attn.qkv.weight") else p)
 
     # ---- the model, stacked
 
@@ -123,31 +140,33 @@ class Decoder:
         """x (b, T) tokens at RoPE positions pos (b, T); mask (b, T, S') the slots each query reads;
         write(cache, new) puts the new keys/values into the caches kc, vc (lists of (E, b, H, S', D)).
         Returns the final normed hidden states (E, b, T, C)."""
-        E, (b, T), w, H, D = self.E, x.shape, self.w, self.H, self.D
-        cos, sin = self.cos[pos][None, :, None], self.sin[pos][None, :, None]  # (1, b, 1, T, D/2)
+        E, (b, T), w, H, D, C = self.E, x.shape, self.w, self.H, self.D, self.cfg.n_embd
+        rope = self.rope[pos][None, :, :, None, None]                          # (1, b, T, 1, 1, D/2)
         h = w["wte.weight"][:, x]                                            # (E, b, T, C)
-        if self.residual_dtype is not None:
-            h = h.to(self.residual_dtype)
-        m = mask[None, :, None].expand(E, -1, -1, -1, -1).reshape(E * b, 1, T, -1)
+        if self.residual_dtype is not None:  # a bf16 stream of training (gmlib.train): the reference rounds the
+            h = h.to(self.residual_dtype).to(h.dtype)  # embedding to it, and the first block's sums are fp32 again
+        bias = torch.zeros(mask.shape, dtype=h.dtype, device=self.dev).masked_fill_(~mask, float("-inf"))
+        bias = bias[None, :, None].expand(E, -1, -1, -1, -1).reshape(E * b, 1, T, -1)  # once for every layer
         for i in range(self.cfg.n_layer):
             p = f"blocks.{i}."
-            qkv = _mm(_norm(h, w[p + "norm1.weight"]), w[p + "attn.qkv.weight"])
-            q, k, v = qkv.view(E, b, T, 3, H, D).permute(3, 0, 1, 4, 2, 5)   # (E, b, H, T, D) each
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qkv = _mm(_norm(h, w[p + "norm1.weight"]), w[p + "attn.qkv.weight"])      # (E, b, T, 3C)
+            # RoPE on q and k together: the pairs sit side by side (see _interleave), one complex multiply
+            qk = torch.view_as_complex(qkv[..., :2 * C].float().reshape(E, b, T, 2, H, D // 2, 2)) * rope
+            q, k = torch.view_as_real(qk).reshape(E, b, T, 2, H, D).to(h.dtype).permute(3, 0, 1, 4, 2, 5)
+            v = qkv[..., 2 * C:].view(E, b, T, H, D).transpose(2, 3)             # (E, b, H, T, D) each
             write(kc[i], k)
             write(vc[i], v)
             S = kc[i].shape[3]
             y = F.scaled_dot_product_attention(q.reshape(E * b, H, T, D), kc[i].view(E * b, H, S, D),
-                                               vc[i].view(E * b, H, S, D), attn_mask=m)
-            y = y.view(E, b, H, T, D).transpose(2, 3).reshape(E, b, T, H * D)
-            h = h + _mm(y, w[p + "attn.proj.weight"])
+                                               vc[i].view(E * b, H, S, D), attn_mask=bias)
+            h = _mm(y.view(E, b, H, T, D).transpose(2, 3).reshape(E, b, T, C), w[p + "attn.proj.weight"], add=h)
             u = _mm(_norm(h, w[p + "norm2.weight"]), w[p + "mlp.fc.weight"])
             if self.cfg.gated:
                 gate, up = u.chunk(2, dim=-1)
                 u = self.act(gate) * up
             else:
                 u = self.act(u)
-            h = h + _mm(u, w[p + "mlp.proj.weight"])
+            h = _mm(u, w[p + "mlp.proj.weight"], add=h)
         return _norm(h, w["norm.weight"])
 
     def _logits(self, h):
