@@ -215,7 +215,7 @@ class Decoder:
                         self._step()
                 torch.cuda.current_stream().wait_stream(side)
                 g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
+                with torch.cuda.graph(g, capture_error_mode="thread_local"):  # a store's prefetch thread may copy meanwhile
                     self._step()
                 self.graphs[self.pool] = g
             except Exception as err:  # noqa: BLE001 (a capture that fails leaves the eager step, which is correct)
@@ -298,6 +298,7 @@ _DECODERS: OrderedDict = OrderedDict()
 KEEP_DECODERS = 4
 
 
+@torch.inference_mode()
 def decoder(models: list[GPT], batch: int, slots: int, graphs: bool = True) -> Decoder:
     """A Decoder for these models' shape (reused: at most KEEP_DECODERS are kept), their weights loaded."""
     m0, p0 = models[0], models[0].wte.weight
