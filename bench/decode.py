@@ -98,7 +98,8 @@ def main(argv=None):
         (1, "static", batch, lambda: single.generate_many(batch, n, **kw)),
         (args.k, "static", batch, lambda: mixture.generate_many(batch, n, **kw)),
     ]
-    common = {"dtype": args.dtype, "device": device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+    where = device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    common = {"dtype": args.dtype, "device": where,
               "commit": git_commit(), "torch": torch.__version__, "expert_params": cfg.n_params,
               "prompt_len": args.prompt_len, "new_tokens": n, "greedy": True,
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

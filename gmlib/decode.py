@@ -215,7 +215,8 @@ class Decoder:
                         self._step()
                 torch.cuda.current_stream().wait_stream(side)
                 g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, capture_error_mode="thread_local"):  # a store's prefetch thread may copy meanwhile
+                # thread_local: a store's prefetch thread may copy on its own stream meanwhile
+                with torch.cuda.graph(g, capture_error_mode="thread_local"):
                     self._step()
                 self.graphs[self.pool] = g
             except Exception as err:  # noqa: BLE001 (a capture that fails leaves the eager step, which is correct)
