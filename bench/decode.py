@@ -13,7 +13,8 @@ copying the weights into the decoder; the best of `--repeats` calls counts, afte
   static      k=1 and k=2, batch 1   gmlib.decode, a CUDA graph per token on a GPU
   eager       k=1, batch 1           gmlib.decode with graphs=False (the graph's share of the gain)
   static      k=1 and k=2, batch B   --batch prompts of --prompt-len/2 .. --prompt-len tokens at once
-tokens_per_s counts new tokens of all rows of the batch. Greedy: random weights give flat distributions
+tokens_per_s counts new tokens of all rows of the batch; same_tokens_as_reference (batch 1) is how many
+leading tokens equal the reference engine's (all in fp32; bf16 kernels that round apart may split near-ties). Greedy: random weights give flat distributions
 whose top-p sort would dominate a tiny model's time, and the sampler is the same host code for both
 engines. Records merge into --out (default results/bench/decode.json), one per (model, k, batch, engine,
 dtype, device); the CPU record is no GPU figure.
@@ -22,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,17 +38,20 @@ from gmlib.runlog import device_name, git_commit  # noqa: E402
 
 
 def timed(call, device, repeats):
-    """(first call's seconds, best of `repeats` later calls)."""
+    """(first call's seconds, best of `repeats` later calls, the warnings they raised (a CUDA graph
+    capture that failed and fell back to eager says so there), the last call's tokens)."""
     times = []
-    for _ in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        call()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return times[0], min(times[1:])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = call()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return times[0], min(times[1:]), sorted({str(w.message) for w in caught}), out
 
 
 def merge(path: Path, rows: list[dict]):
@@ -70,6 +75,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
     ap.add_argument("--out", type=Path, default=None, help="default: results/bench/decode.json")
     args = ap.parse_args(argv)
+    if args.k < 2:
+        sys.exit("--k: the mixture rows need at least 2 experts")
     out = args.out or results_dir("bench") / "decode.json"
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,11 +110,18 @@ def main(argv=None):
               "commit": git_commit(), "torch": torch.__version__, "expert_params": cfg.n_params,
               "prompt_len": args.prompt_len, "new_tokens": n, "greedy": True,
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    rows = []
+    rows, ref_toks = [], {}
     for k, engine, prompts, call in variants:
-        first, best = timed(call, device, args.repeats)
+        first, best, warned, toks = timed(call, device, args.repeats)
+        if engine == "reference":
+            ref_toks[k] = toks[0]
+        # batch 1: how many leading tokens equal the reference's (all of them in fp32; bf16 kernels may round apart)
+        same = next((i for i, (a, b) in enumerate(zip(toks[0], ref_toks[k])) if a != b), len(toks[0])) \
+            if len(prompts) == 1 else None
         rows.append({"model": args.size, "k": k, "engine": engine, "batch": len(prompts),
-                     "cuda_graph": engine == "static" and device.type == "cuda",
+                     "cuda_graph": engine == "static" and device.type == "cuda"
+                     and not any("CUDA graph capture failed" in w for w in warned), "warnings": warned,
+                     "same_tokens_as_reference": same,
                      "tokens_per_s": round(len(prompts) * n / best, 2), "seconds": round(best, 4),
                      "first_call_s": round(first, 4), **common})
         print(f"{args.size} k={k} {engine:9s} batch {len(prompts):3d}: {rows[-1]['tokens_per_s']:10.1f} tokens/s "

@@ -17,6 +17,7 @@ def test_bench_decode_writes_one_row_per_variant(tmp_path):
     for r in rows:
         assert {"model", "k", "tokens_per_s", "batch", "device", "commit"} <= set(r)
         assert r["model"] == "tiny" and r["tokens_per_s"] > 0 and r["device"].startswith("cpu") and r["commit"]
-        assert r["cuda_graph"] is False and r["relative_to_reference"] > 0
+        assert r["cuda_graph"] is False and r["warnings"] == [] and r["relative_to_reference"] > 0
+        assert r["same_tokens_as_reference"] == (6 if r["batch"] == 1 else None)  # fp32: every token
     bench.main(args)  # a second run replaces its rows rather than adding to them
     assert len(json.loads(out.read_text())) == len(rows)
