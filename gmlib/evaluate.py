@@ -476,13 +476,14 @@ def parus_summary(pred: pd.DataFrame) -> dict:
 
 def generate_texts(models: dict, tokenizer, prompts: dict = PROMPTS, max_new_tokens: int = 60,
                    temperature: float = 0.8, top_p: float = 0.9, seed: int = 0) -> dict:
-    """{prompt name: {model name: continuation}}; generation stops early at a bos (a new document)."""
-    bos, out = tokenizer.bos_id(), {}
-    for pname, text in prompts.items():
-        prompt = [bos] + list(tokenizer.encode(text))
-        out[pname] = {}
-        for name, lm in models.items():
-            toks = lm.generate(prompt, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop_token=bos)
+    """{prompt name: {model name: continuation}}; generation stops early at a bos (a new document).
+    Each model continues all prompts in one batched call, each prompt with the same seed."""
+    bos = tokenizer.bos_id()
+    encoded = [[bos] + list(tokenizer.encode(text)) for text in prompts.values()]
+    out = {pname: {} for pname in prompts}
+    for name, lm in models.items():
+        got = lm.generate_many(encoded, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop_token=bos)
+        for pname, toks in zip(prompts, got):
             out[pname][name] = tokenizer.decode([t for t in toks if t != bos])
     return out
 

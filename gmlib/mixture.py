@@ -39,7 +39,10 @@ The prior is honest for perplexity: it only ever sees tokens BEFORE the scored p
   the points of the schedule after c.
   Without a router, `base_prior` (uniform, or a task prior) holds throughout.
 Generation routes once on the prompt and keeps that top-k set (and their KV caches) while the
-Hedge weights move after every generated token.
+Hedge weights move after every generated token. Two engines give the same tokens: "static"
+(the default, gmlib.decode: the k experts stacked into one batched model with a static KV cache,
+a CUDA graph per token on a GPU, many prompts at once) and "reference" (the plain loop below, one
+prompt and one expert at a time: the ground truth tests/test_decode.py holds the static one to).
 
 Pooling (MixtureConfig.pool): "linear" is the mixture above, sum_e w_e p_e. "log-linear" is
 the weighted geometric mean with the same weights, renormalised over the vocabulary:
@@ -64,6 +67,8 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 
+from . import decode
+from .decode import sample  # noqa: F401 (the sampler of both generators; tests import it from here)
 from .model import GPT
 
 
@@ -139,7 +144,7 @@ def window_logprobs(model: GPT, docs: Sequence[np.ndarray], stride: int | None =
 
 
 # ---------------------------------------------------------------------------------------------
-# generation (shared by SingleLM and MixtureLM)
+# generation: the reference engine (shared by SingleLM and MixtureLM)
 
 
 class _Stream:
@@ -169,34 +174,6 @@ class _Stream:
             logits, _ = self.model(torch.tensor([self.ctx], device=self.dev))
         n = min(len(tokens), len(self.ctx))
         return torch.log_softmax(logits[0, -n:].float(), dim=-1)
-
-
-def sample(logp: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    """Draw a token from softmax(logp / temperature) cut to its top-p nucleus; temperature 0 is
-    greedy. The draw walks the kept tokens in id order (not probability order), so a tiny
-    change in the probabilities moves the outcome only when the uniform draw sits on a border."""
-    if temperature <= 0:
-        return int(np.argmax(logp))
-    z = logp / temperature
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    if top_p < 1.0:
-        # sort only the most likely few hundred tokens when they already hold top_p of the mass
-        # (a full argsort of a 32k vocabulary costs more than a small model's forward pass)
-        top = np.arange(len(p))
-        for m in (256, 4096):
-            if m < len(p):
-                cand = np.sort(np.argpartition(-p, m - 1)[:m])
-                if p[cand].sum() >= top_p:
-                    top = cand
-                    break
-        order = top[np.argsort(-p[top], kind="stable")]  # by probability, ties by token id
-        before = np.cumsum(p[order]) - p[order]          # mass of the tokens ranked above
-        keep = np.zeros_like(p, dtype=bool)
-        keep[order[before < top_p]] = True               # the smallest set reaching top_p
-        p = np.where(keep, p, 0.0)
-    c = np.cumsum(p)
-    return int(min(np.searchsorted(c, rng.random() * c[-1], side="right"), len(p) - 1))
 
 
 def _generate(streams: list[_Stream], log_prior: np.ndarray, eta: float, prompt, max_new_tokens: int,
@@ -232,6 +209,17 @@ def _generate(streams: list[_Stream], log_prior: np.ndarray, eta: float, prompt,
     return out
 
 
+ENGINES = ("static", "reference")
+
+
+def _engine(engine: str, use_cache: bool) -> str:
+    """static: gmlib.decode (stacked experts, static cache, CUDA graphs); reference: the _Stream generator
+    above (use_cache=False: the reference recomputing the whole context every token)."""
+    if engine not in ENGINES:
+        raise ValueError(f"generation engine {engine!r}; choose one of {ENGINES}")
+    return engine if use_cache else "reference"
+
+
 # ---------------------------------------------------------------------------------------------
 # the two kinds of model
 
@@ -251,9 +239,19 @@ class SingleLM:
         return self.token_logprobs_many([doc])[0]
 
     def generate(self, prompt, max_new_tokens: int = 50, temperature: float = 1.0, top_p: float = 1.0,
-                 seed: int = 0, stop_token: int | None = None, use_cache: bool = True) -> list[int]:
-        return _generate([_Stream(self.model, use_cache)], np.zeros(1), 0.0, prompt, max_new_tokens,
-                         temperature, top_p, seed, stop_token)
+                 seed: int = 0, stop_token: int | None = None, use_cache: bool = True,
+                 engine: str = "static") -> list[int]:
+        return self.generate_many([prompt], max_new_tokens, temperature, top_p, seed, stop_token, use_cache, engine)[0]
+
+    def generate_many(self, prompts, max_new_tokens: int = 50, temperature: float = 1.0, top_p: float = 1.0,
+                      seed: int = 0, stop_token: int | None = None, use_cache: bool = True,
+                      engine: str = "static") -> list[list[int]]:
+        """generate() for each prompt, every one with the same seed; the static engine decodes them together."""
+        if _engine(engine, use_cache) == "static":
+            return decode.generate([self.model], prompts, None, 0.0, "linear", max_new_tokens, temperature, top_p,
+                                   seed, stop_token)
+        return [_generate([_Stream(self.model, use_cache)], np.zeros(1), 0.0, p, max_new_tokens,
+                          temperature, top_p, seed, stop_token) for p in prompts]
 
 
 POOLS = ("linear", "log-linear")
@@ -517,12 +515,35 @@ class MixtureLM:
     # ---- generation
 
     def generate(self, prompt, max_new_tokens: int = 50, temperature: float = 1.0, top_p: float = 1.0,
-                 seed: int = 0, stop_token: int | None = None, use_cache: bool = True) -> list[int]:
-        logp = self._log_priors([np.asarray(prompt, dtype=np.int64)])[0]
-        active = np.flatnonzero(np.isfinite(logp))
-        streams = [_Stream(self.load_expert(int(e)), use_cache) for e in active]  # k resident
-        return _generate(streams, logp[active], self.cfg.eta, prompt, max_new_tokens,
-                         temperature, top_p, seed, stop_token, self.cfg.pool)
+                 seed: int = 0, stop_token: int | None = None, use_cache: bool = True,
+                 engine: str = "static") -> list[int]:
+        return self.generate_many([prompt], max_new_tokens, temperature, top_p, seed, stop_token, use_cache, engine)[0]
+
+    def generate_many(self, prompts, max_new_tokens: int = 50, temperature: float = 1.0, top_p: float = 1.0,
+                      seed: int = 0, stop_token: int | None = None, use_cache: bool = True,
+                      engine: str = "static") -> list[list[int]]:
+        """generate() for each prompt, every one with the same seed. Prompts routed to the same top-k
+        experts are decoded together by the static engine (those k resident, one group after another)."""
+        engine = _engine(engine, use_cache)
+        if not prompts:
+            return []
+        logp = self._log_priors([np.asarray(p, dtype=np.int64) for p in prompts])
+        groups: dict = {}
+        for i, row in enumerate(logp):
+            groups.setdefault(tuple(np.flatnonzero(np.isfinite(row))), []).append(i)
+        out = [None] * len(prompts)
+        for active, who in groups.items():
+            models = [self.load_expert(int(e)) for e in active]  # k resident
+            if engine == "static":
+                got = decode.generate(models, [prompts[i] for i in who], logp[np.ix_(who, active)], self.cfg.eta,
+                                      self.cfg.pool, max_new_tokens, temperature, top_p, seed, stop_token)
+            else:
+                got = [_generate([_Stream(m, use_cache) for m in models], logp[i, list(active)], self.cfg.eta,
+                                 prompts[i], max_new_tokens, temperature, top_p, seed, stop_token, self.cfg.pool)
+                       for i in who]
+            for i, g in zip(who, got):
+                out[i] = g
+        return out
 
 
 def from_models(models: list[GPT], **kw) -> MixtureLM:
