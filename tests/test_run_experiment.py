@@ -140,15 +140,16 @@ def test_frontier_plans_give_every_model_the_same_compute(tmp_path, budget):
     flops = lambda d: 6 * make_config(d["model_size"], vocab_size=32000).n_params * d["max_tokens"]  # noqa: E731
     dense = [{**dense_file, **j["set"]} for j in plan["jobs"] if j.get("notebook") == "03"]
     assert len(dense) >= 2 and all(abs(flops(d) / flops(twin) - 1) < 0.01 for d in dense)
-    # every trained model is evaluated; an evaluation in parts gives every part all dense models (the deltas are
-    # against the best of them) and merges each later part into the parts before it, in order
+    # every trained model is evaluated; an evaluation in parts merges each later part into the parts before it, in
+    # order; the first part may score the twin alone (it comes early, so that a lost machine keeps a ledger row), every
+    # later part scores all dense models (a merged part rescores every row against the best of them)
     evals = [j for j in plan["jobs"] if j.get("notebook") == "05"]
     trained = {j["name"] for j in plan["jobs"] if j.get("notebook") in ("03", "04")}
     assert set().union(*(e["needs"] for e in evals)) == trained and evals[0]["name"] == "evaluate"
     dense_names = {j["set"]["model_name"] for j in plan["jobs"] if j.get("notebook") == "03"}
     for i, ev in enumerate(evals):
         assert ev["set"]["budget"] == budget and ev["set"]["budget_flops_6nd"] == flops(twin)
-        assert set(ev["set"]["dense_models"]) == dense_names
+        assert "dense30m" in ev["set"]["dense_models"] and (not i or set(ev["set"]["dense_models"]) == dense_names)
         assert not i or (ev["set"]["merge_earlier"] and evals[i - 1]["name"] in ev["after"] and ev["set"]["eval_name"])
     bad = tmp_path / "plan.yaml"
     bad.write_text(yaml.safe_dump({"run_name": "t", "jobs": [{"name": "a", "command": "true", "set": {"x": 1}}]}))
