@@ -56,7 +56,7 @@ from .checkpoint import read_checkpoint
 from .clock import PARTS, Clock
 from .router import load_router, make_router
 from .store import ExpertStore
-from .train import (VAL_SEED, Trainer, TrainConfig, branch_path, branch_step, make_optimizer, resolve_device,
+from .train import (VAL_SEED, Trainer, TrainConfig, TrainStep, branch_path, branch_step, resolve_device,
                     stable_until)
 
 FORMAT = "gm-v1"
@@ -215,8 +215,11 @@ class _Rank:
         self.store = ExpertStore(out / "store", cfg.ram_bytes or max(one, min((n_own + 2) * one, phys // 2)),
                                  cfg.gpu_bytes or 2 * cfg.group_size * one, dev)
         torch.manual_seed(cfg.seed)
-        self.models = [GPT(mcfg).to(dev) for _ in range(cfg.group_size)]
-        self.opts = [make_optimizer(m, self.tcfg, dev) for m in self.models]
+        # the step machinery of each slot (device, fp8, AdamW, compiled forward), built once and lent to
+        # every segment of the experts that pass through the slot
+        self.machines = [TrainStep(GPT(mcfg), self.tcfg) for _ in range(cfg.group_size)]
+        self.models = [m.model for m in self.machines]
+        self.opts = [m.optimizer for m in self.machines]
         self.model = self.models[0]
         self.steps, self.done = {}, set()  # what is known of each expert without loading it
         self.finished = {}  # name -> record of an expert finished in the current phase, written at its end
@@ -244,9 +247,7 @@ class _Rank:
                     self.store.prefetch(n)
 
     def _trainer(self, job, slot: int, meta: dict, fresh: bool) -> Trainer:
-        tr = Trainer(self.models[slot], job.tcfg, job.train, job.val, optimizer=self.opts[slot])
-        if meta.get("trainer"):
-            tr.load_state_dict(meta["trainer"])
+        tr = Trainer(self.machines[slot], job.tcfg, job.train, job.val, state=meta.get("trainer"))
         if fresh and job.val:  # a branched expert's start is its seed's loss on this expert's documents
             with self.clock.part("eval"):
                 meta["val_loss_start"] = tr.evaluate()

@@ -387,3 +387,23 @@ def test_top_r_equal_k_gives_every_expert_all_data(tiny_shards, tmp_path, monkey
     assert [r["own_steps"] for r in s["records"]] == [5, 5, 5] and s["accounting"]["tokens"] == 30 * 8 * 64
     a, b = weights(out, "expert_000"), weights(out, "expert_001")
     assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_step_machinery_is_built_once_and_lent_to_every_segment(tiny_shards, tmp_path, monkeypatch):
+    """One gmlib.step.TrainStep for the rank's slot (fp8 conversion and compilation once), borrowed
+    by every segment of the seed and of every expert."""
+    built, lent = [], []
+    real_init, real_run = gm.TrainStep.__init__, gm.Trainer.run
+
+    def init(self, *a, **kw):
+        built.append(self)
+        real_init(self, *a, **kw)
+
+    def spy(self, steps=None, **kw):
+        lent.append(self.machine)
+        return real_run(self, steps, **kw)
+
+    monkeypatch.setattr(gm.TrainStep, "__init__", init)
+    monkeypatch.setattr(gm.Trainer, "run", spy)
+    gm.train_gm(gm.GMConfig.from_dict(SMALL), tiny_shards, tmp_path / "gm")
+    assert len(built) == 1 and len(lent) > 3 and all(m is built[0] for m in lent)
