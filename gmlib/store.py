@@ -9,8 +9,8 @@ put, what to prefetch and when.
 
 Tiers (least recently used first out):
   disk  one safetensors file per version with a manifest (gmlib.expert_files), written and read by
-        a background I/O thread (gmlib.store_disk, ExpertStore's base class). A damaged file is reported (CorruptExpertWarning, naming the
-        file) and the previous good version is used.
+        a background I/O thread (gmlib.store_disk, ExpertStore's base class). A damaged file is
+        reported (CorruptExpertWarning, naming the file) and the previous good version is used.
   ram   one flat byte buffer per expert. With a CUDA device it is pinned by cudaHostRegister
         (exact size; pin_memory() rounds every allocation up to a power of two). Evicting an
         expert that changed since it was last saved writes it to disk (write-back).
