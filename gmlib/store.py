@@ -4,7 +4,7 @@ and how long the caller waited.
 
 An expert is a flat dict[str, Tensor] (gmlib.checkpoint.state_tensors: `model.*` weights,
 `optim.*` AdamW state) plus a small JSON-able meta dict, held in every tier as one flat byte
-buffer (gmlib.expert_layout). The store knows nothing of training: the caller decides what to
+buffer (gmlib.expert_buffers.Layout). The store knows nothing of training: the caller decides what to
 put, what to prefetch and when.
 
 Tiers (least recently used first out):
