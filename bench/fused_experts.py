@@ -69,7 +69,7 @@ def make_trainers(args, cfg, shards, models, opts, experts, lrs, batch, steps, c
 
 
 def slots(cfg, n, device):
-    """n GPT modules with their AdamW on the device: the slots experts borrow, as gm's _Rank."""
+    """n GPT modules with their AdamW on the device: the slots experts borrow, as gmlib.gm_rank.Rank's."""
     from gmlib.model import GPT
     from gmlib.train import TrainConfig, make_optimizer
     models = [GPT(cfg).to(device) for _ in range(n)]

@@ -37,37 +37,19 @@ crawl; a play (one speaker line per line) or a poem fails `dup_lines` / `newline
 design, so they apply only to sources whose role is in `quality_roles`; a source can switch any
 rule off (`skip_rules`) or change any threshold from the params file (prepare.DataConfig.source_rules).
 
-Language: the common case is decided by two regex counts (Cyrillic share, and the pre-check
-below), at hundreds of MB/s. Only a *doubtful* document goes to lingua-language-detector
-(offline, its models ship in the wheel; low-accuracy mode over the 8 Cyrillic languages it knows):
-one that holds letters of other Cyrillic alphabets (і ї є ґ ў ј љ њ ћ џ ђ ѓ ќ ѕ ә ғ қ ң ө ұ ү һ),
-or in which ъ is frequent (Bulgarian: ~2% of letters; Russian: ~0.03%), unless it has ѣ (pre-1918
-Russian spelling, in no other language). Cost: loading the models takes ~50 ms once per process
-and ~30 MB of memory; a call takes ~0.1 ms per short text and ~1 ms per 2 KB (the first 3000
-characters are classified). On this corpus under 1% of documents are doubtful.
+The text repair and markup stripping are data_prep.markup's; the language and repetition signals
+data_prep.quality's.
 """
-import html
 import re
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass, fields
 
-import ftfy
+from .markup import (EMAIL_TOKEN, ID_TOKEN, PHONE_TOKEN, mask_pii, normalize, protect_code,  # noqa: F401 (clean's API)
+                     repair_mojibake, restore_code, strip_markup)
+from .quality import CYR, STOP_WORDS, SYMBOL, is_doubtful, is_russian, repetitive
 
 RULES = ("empty", "too_short", "not_russian", "repetition", "stop_words", "word_length", "dup_lines", "line_punct",
          "newline_ratio")
-
-# the most frequent Russian function words (a subset of common stop-word lists)
-STOP_WORDS = frozenset("""и в во не что он на я с со как а то все она так его но да ты к у же вы за бы по только
-ее её мне было вот от меня еще ещё нет о из ему теперь когда даже ну ли если уже или ни быть был него до вас
-нибудь опять уж вам ведь там потом себя ничего ей может они тут где есть надо ней для мы тебя их чем была сам
-чтоб без будто чего раз тоже себе под будет ж тогда кто этот того потому этого какой совсем ним здесь этом
-один почти мой тем чтобы нее сейчас были куда зачем всех никогда можно при наконец два об другой хоть после
-над больше тот через эти нас про всего них какая много разве три эту моя впрочем хорошо свою этой перед иногда
-лучше чуть том нельзя такой им более всегда конечно всю между это""".split())
-
-# Placeholder tokens for masked personal data (kept in the text so the sentence still reads).
-EMAIL_TOKEN, PHONE_TOKEN, ID_TOKEN = "[EMAIL]", "[PHONE]", "[ID]"
 
 
 @dataclass
@@ -119,167 +101,6 @@ class CleanConfig:
             raise ValueError(f"{where}: unknown rule(s) {bad} in skip_rules; rules: {list(RULES)}")
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         return CleanConfig(**{**d, **kw})
-
-
-# --- mojibake -------------------------------------------------------------------------------
-
-# a run of Latin-1 letters (cp1251 Cyrillic read as Latin-1 lands in À-ÿ), or a lower-case
-# Cyrillic letter followed by capitals (KOI8-R read as cp1251 swaps the case of every letter)
-_MOJI_SUSPECT = re.compile(r"[\u00c0-\u00ff]{3}|(?<![^\W\d_])[а-яё][А-ЯЁ]{2}")
-_MOJI_REPAIRS = (("latin-1", "cp1251"), ("cp1252", "cp1251"), ("cp1251", "koi8-r"))
-_RU_WORD = re.compile(r"(?<![^\W\d_])[а-яёА-ЯЁ]{2,}(?![^\W\d_])")
-_LATIN1_RUN = re.compile(r"[\u00c0-\u00ff]+")  # cp1251 Cyrillic bytes 0xC0-0xFF read as Latin-1
-
-
-def _russianness(s: str) -> float:
-    """Lower-case and Capitalised Russian words (1), ALL-CAPS ones (0.5), stop words (+2): mojibake
-    of either kind yields no Russian words or words of mixed case ("ьФП")."""
-    score = 0.0
-    for w in _RU_WORD.findall(s):
-        if w.islower():
-            score += 3 if w in STOP_WORDS else 1
-        elif w[1:].islower():
-            score += 1
-        elif w.isupper():
-            score += 0.5
-    return score
-
-
-def _latin1_runs(line: str) -> str:
-    return _LATIN1_RUN.sub(lambda m: m.group(0).encode("latin-1").decode("cp1251"), line)
-
-
-def repair_mojibake(text: str) -> str:
-    """Repair, line by line, cp1251 text read as Latin-1 (or cp1252) and KOI8-R text read as cp1251.
-    A line is re-decoded only when the round trip is exact and the result is clearly more
-    Russian (_russianness more than doubles); otherwise it is left as it is."""
-    if not _MOJI_SUSPECT.search(text):
-        return text
-    lines = text.split("\n")
-    for i, line in enumerate(lines):
-        if not _MOJI_SUSPECT.search(line):
-            continue
-        best, score = line, _russianness(line)
-        for enc, dec in (*_MOJI_REPAIRS, (None, None)):
-            try:  # (None, None): only the runs of Latin-1 letters (a line that also has Greek or math signs)
-                cand = line.encode(enc).decode(dec) if enc else _latin1_runs(line)
-            except (UnicodeEncodeError, UnicodeDecodeError):
-                continue
-            s = _russianness(cand)
-            if s > 2 * score + 0.25:  # a lone ALL-CAPS word (0.5) from a line with no Russian at all counts
-                best, score = cand, s
-        lines[i] = best
-    return "\n".join(lines)
-
-
-def normalize(text: str) -> str:
-    """ftfy repair (UTF-8 mojibake, entities, control characters, CRLF), line-wise repair of
-    single-byte mojibake, and NFC composition. Curly quotes are kept: Russian typography uses them."""
-    text = ftfy.fix_text(text, uncurl_quotes=False, fix_line_breaks=True, normalization="NFC")
-    return unicodedata.normalize("NFC", repair_mojibake(text))
-
-
-# --- code blocks ----------------------------------------------------------------------------
-
-_CODE_BLOCK = re.compile(r"(?m)^(----|\.\.\.\.|```)[^\n]*\n.*?\n\1[ \t]*$", re.S)
-_INLINE_CODE = re.compile(r"(?<!`)`[^`\n]{1,200}`(?!`)")
-_CODE_MARK = re.compile(r"\ue000(\d+)\ue001")  # private-use characters: never in real text
-
-
-def protect_code(text: str, mask: bool = True) -> tuple[str, list[str]]:
-    """Replace code blocks and inline code by markers, so markup stripping and line re-joining
-    never touch them. A block becomes a marker line of its own and comes back fenced with ```
-    (whatever its fences were); personal data is masked in code too (`mask`)."""
-    if "`" not in text and "----" not in text and "...." not in text:
-        return text, []
-    saved = []
-
-    def block(m):
-        code = m.group(0).split("\n", 1)[1].rsplit("\n", 1)[0]
-        saved.append("```\n" + (mask_pii(code) if mask else code) + "\n```")
-        return f"\ue000{len(saved) - 1}\ue001CODE"
-
-    def inline(m):
-        saved.append(m.group(0))
-        return f"\ue000{len(saved) - 1}\ue001"
-    text = _CODE_BLOCK.sub(block, text)
-    text = _INLINE_CODE.sub(inline, text)
-    return text, saved
-
-
-def restore_code(text: str, saved: list[str]) -> str:
-    if not saved:
-        return text
-    text = text.replace("\ue001CODE", "\ue001")
-    return _CODE_MARK.sub(lambda m: saved[int(m.group(1))], text)
-
-
-# --- markup -----------------------------------------------------------------------------------
-
-_SCRIPT = re.compile(r"<(script|style|noscript|iframe)\b.*?</\1\s*>", re.S | re.I)
-_COMMENT = re.compile(r"<!--.*?-->", re.S)
-_DECL = re.compile(r"<[!?][^<>]{0,500}>")  # <!DOCTYPE ...>, <?xml ...?>
-_BLOCK_TAG = re.compile(r"</?(?:br|p|div|li|ul|ol|tr|table|h[1-6]|blockquote|pre)\b[^<>]{0,300}>", re.I)
-_TAG = re.compile(r"</?[a-zA-Z][a-zA-Z0-9:-]*(?:\s[^<>]{0,500})?/?>")
-_URL = re.compile(r"(?:https?://|ftp://|www\.)[^\s<>«»\"']*"
-                  r"|(?<![\w@.])(?:[\w-]+\.)+(?:com|ru|org|net|me|ly|io|su|info|tv|рф)/[^\s<>«»\"']*", re.I)
-_ENTITY_LEFT = re.compile(r"&(?:[a-zA-Z]{2,8}|#\d{1,6}|#x[0-9a-fA-F]{1,5});")
-_MENTION = re.compile(r"(?<![\w.])@\w{2,}:?")
-_RT = re.compile(r"(?m)^RT\s*:?\s*")
-_TWEET_EMBED = re.compile(r"(?m)^[ \t]*— [^\n]{0,80}\(@\w+\)[ \t]*(?:\n[ \t]*\d{1,2} \w+ \d{4}(?: г\.)?[ \t]*$)?")
-_MD_LINK = re.compile(r"\[([^\]\n]{0,300})\]\((?:[^()\s]{1,500})\)")
-_MD_EMPH = re.compile(r"(\*\*|__|~~|\|\|)(?=\S)(.{1,2000}?)(?<=\S)\1", re.S)
-_MD_LEFTOVER = re.compile(r"\*{2,}|_{2,}|~~|\|\|")
-_WIKI_REF = re.compile(r"\[(?:\d{1,3}|[a-zа-я]|примечание \d+|источник не указан[^\]]*|нет в источнике|править[^\]]*)\]", re.I)
-_PLACEHOLDER = re.compile(r"\[(?:USER|USERNAME|URL|LINK|ССЫЛКА|ИМЯ|\*{3}|ссылка[^\]\n]{0,80}|id\d+\|)\]", re.I)
-_ASCIIDOC_INDEX = re.compile(r"\(\(\(.*?\)\)\)")
-_EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63})*\.[a-zа-я]{2,12}(?![\w-])", re.I)
-_PHONE = re.compile(r"(?=[+8(])(?<![\w+])(?:\+7|8|\+\d{1,3})[ \t(-]{0,2}\d{3,4}[ \t)-]{0,2}\d{2,3}[ \t-]?\d{2}[ \t-]?\d{2}(?!\d)"
-                    r"|(?<![\w+])\(\d{3,5}\)[ \t]?\d{1,3}[ \t-]?\d{2}[ \t-]?\d{2}(?!\d)")
-_PASSPORT = re.compile(r"(?i)(паспорт\w*|серия)([^\n\d]{0,20})\d{2}[ \t]?\d{2}[ \t№]{0,3}(?:номер[ \t]*)?\d{6}(?!\d)")
-
-
-def mask_pii(text: str) -> str:
-    """E-mail addresses, phone numbers and passport-like numbers -> placeholder tokens."""
-    if "@" in text:
-        text = _EMAIL.sub(EMAIL_TOKEN, text)
-    text = _PASSPORT.sub(lambda m: m.group(1) + m.group(2) + ID_TOKEN, text)
-    return _PHONE.sub(PHONE_TOKEN, text)
-
-
-def strip_markup(text: str, cfg: CleanConfig) -> str:
-    if "<" in text:
-        text = _SCRIPT.sub(" ", text)
-        text = _COMMENT.sub(" ", text)
-        text = _DECL.sub(" ", text)
-        text = _BLOCK_TAG.sub("\n", text)
-        text = _TAG.sub("", text)
-    for _ in range(2):  # double-escaped entities (&amp;quot;) are common in scraped text
-        if "&" not in text:
-            break
-        text = html.unescape(text)
-    if "&" in text:  # what is left is misspelt (&egarve;) or unknown: it cannot be decoded
-        text = _ENTITY_LEFT.sub("", text)
-    if "](" in text:
-        text = _MD_LINK.sub(r"\1", text)
-    if cfg.strip_urls:
-        text = _URL.sub("", text)
-    if "[" in text:
-        text = _PLACEHOLDER.sub("", text)
-    if cfg.mask_pii:
-        text = mask_pii(text)
-    if cfg.strip_mentions and "@" in text:
-        text = _TWEET_EMBED.sub("", text)
-        text = _RT.sub("", text)
-        text = _MENTION.sub("", text)
-    if "*" in text or "_" in text or "~" in text or "|" in text:
-        text = _MD_EMPH.sub(r"\2", text)
-        text = _MD_LEFTOVER.sub("", text)
-    if "[" in text:
-        text = _WIKI_REF.sub("", text)
-    if "(((" in text:
-        text = _ASCIIDOC_INDEX.sub("", text)
-    return text
 
 
 # --- lines ------------------------------------------------------------------------------------
@@ -406,108 +227,6 @@ def clean_text(text: str, cfg: CleanConfig | None = None) -> tuple[str, int]:
     return clean_normalized(normalize(text), cfg)
 
 
-# --- language -------------------------------------------------------------------------------
-
-_CYR = re.compile(r"[\u0400-\u04ff]")
-_FOREIGN_CYR = re.compile(r"[\u0400\u0402-\u040f\u0450\u0452-\u0462\u0464-\u04ff]")  # not а-я, ё, ѣ
-_detector = None
-
-
-def _lingua():
-    global _detector
-    if _detector is None:
-        from lingua import Language, LanguageDetectorBuilder
-        langs = [Language.RUSSIAN, Language.UKRAINIAN, Language.BELARUSIAN, Language.BULGARIAN, Language.SERBIAN,
-                 Language.MACEDONIAN, Language.KAZAKH, Language.MONGOLIAN]
-        _detector = (LanguageDetectorBuilder.from_languages(*langs).with_low_accuracy_mode().build(), Language.RUSSIAN)
-    return _detector
-
-
-def is_doubtful(text: str, n_cyr: int, cfg: CleanConfig) -> bool:
-    """The cheap pre-check: letters of other Cyrillic alphabets, or a frequent ъ (Bulgarian)."""
-    if n_cyr == 0:
-        return False
-    if len(_FOREIGN_CYR.findall(text)) > cfg.max_foreign_cyrillic * n_cyr:
-        return True
-    return "ѣ" not in text and text.count("ъ") > cfg.max_hard_sign * n_cyr + 1
-
-
-def is_russian(text: str, cfg: CleanConfig) -> bool:
-    """lingua's verdict on a doubtful document (or False when language ID is switched off)."""
-    if not cfg.lang_id:
-        return False
-    detector, russian = _lingua()
-    return detector.detect_language_of(text[:3000]) == russian
-
-
-# --- repetition (Gopher) ----------------------------------------------------------------------
-
-_SYMBOL = re.compile(r"[\u2190-\u2bff\u2600-\u27bf\U0001f000-\U0001faff]")
-
-
-def _windows(words: list[str], size: int) -> list[list[str]]:
-    if len(words) <= 4 * size:
-        return [words]
-    step = (len(words) - size) // 3
-    return [words[i * step:i * step + size] for i in range(4)]
-
-
-def _ngram_repetition(words: list[str], cfg: CleanConfig) -> bool:
-    """Gopher's top n-gram (2..4) and duplicated n-gram (5..10) character fractions exceeded?"""
-    total = sum(map(len, words))
-    if total == 0:
-        return False
-    for n, limit in zip((2, 3, 4), cfg.max_top_ngram):
-        if len(words) < n + 1:
-            break
-        counts = Counter(zip(*(words[i:] for i in range(n))))
-        gram, c = counts.most_common(1)[0]
-        if c > 1 and c * sum(map(len, gram)) / total > limit:
-            return True
-    frac5 = 1.0  # set by the 5-gram round, which always runs first
-    for n, limit in zip(range(5, 11), cfg.max_dup_ngram):
-        if len(words) < 2 * n:
-            break
-        if n > 5 and frac5 <= min(cfg.max_dup_ngram):
-            break  # words covered by duplicated n-grams (n > 5) are a subset of those of 5-grams
-        grams = list(zip(*(words[i:] for i in range(n))))
-        counts = Counter(grams)
-        if len(counts) == len(grams):
-            break  # no duplicated n-gram, hence none for larger n either
-        covered = bytearray(len(words))
-        for i, g in enumerate(grams):
-            if counts[g] > 1:
-                covered[i:i + n] = b"\x01" * n
-        frac = sum(len(w) for w, c in zip(words, covered) if c) / total
-        if frac > limit:
-            return True
-        if n == 5:
-            frac5 = frac
-    return False
-
-
-def repetitive(text: str, words: list[str], lines: list[str], cfg: CleanConfig) -> bool:
-    """The Gopher repetition rules, for every role. The n-gram rules see up to four windows of
-    `rep_window_words` words (start, two middles, end) of a long book, which keeps them linear-
-    time and cheap, and still catches spam, which repeats throughout."""
-    if max(map(len, text.split()), default=0) > cfg.max_word_chars:
-        return True
-    if len(lines) > 1:
-        seen, dup = set(), 0
-        for line in lines:
-            if line in seen:
-                dup += len(line)
-            seen.add(line)
-        if dup / max(1, sum(map(len, lines))) > cfg.max_dup_line_chars:
-            return True
-    if len(_SYMBOL.findall(text)) > cfg.max_symbol_ratio * max(len(words), 1) + 2:
-        return True
-    if len(words) < cfg.rep_min_words:
-        return False
-    low = [w.lower() for w in words]
-    return any(_ngram_repetition(w, cfg) for w in _windows(low, cfg.rep_window_words))
-
-
 # --- document rules -------------------------------------------------------------------------
 
 _WORD = re.compile(r"\w+")
@@ -516,7 +235,7 @@ _PUNCT_END = tuple(".!?…\"'»);:")
 
 
 def _ends_line(line: str) -> bool:
-    return line.endswith(_PUNCT_END) or bool(_SYMBOL.match(line[-1]))
+    return line.endswith(_PUNCT_END) or bool(SYMBOL.match(line[-1]))
 
 
 def doc_filter(text: str, role: str = "web", cfg: CleanConfig | None = None) -> str | None:
@@ -532,7 +251,7 @@ def doc_filter(text: str, role: str = "web", cfg: CleanConfig | None = None) -> 
     prose = _CODE_OUT.sub(" ", text) if "`" in text else text
     if "not_russian" not in skip:
         n_letters = len(_LETTER.findall(prose))
-        n_cyr = len(_CYR.findall(prose))
+        n_cyr = len(CYR.findall(prose))
         if n_letters == 0 or n_cyr < cfg.min_cyrillic * n_letters:
             return "not_russian"
         if is_doubtful(prose, n_cyr, cfg) and not is_russian(prose, cfg):

@@ -9,6 +9,7 @@ import math
 import warnings
 from collections import OrderedDict
 from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
 
 import torch
 
@@ -129,6 +130,16 @@ def host_buffer(nbytes: int, pin_on: torch.device | None = None) -> Buffer:
         rc = err
     warnings.warn(f"cudaHostRegister of {nbytes} bytes failed ({rc}); using pin_memory(), which rounds up")
     return Buffer(data.pin_memory())
+
+
+@dataclass
+class Entry:
+    """What a tier holds for one expert: its layout, meta and buffer."""
+    layout: Layout
+    meta: dict
+    buf: Buffer
+    dirty: bool = False  # RAM: newer than the newest version on disk
+    ready: object = None  # GPU tier: the CUDA event after which the data is in place (None: already)
 
 
 class Tier:

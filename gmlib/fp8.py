@@ -102,9 +102,8 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scaling: str = "tensor") -> tor
     return F.linear(x, w)
 
 
-# one object per scaling: torch.compile guards on the model's output_linear, and the gm trainer wraps
-# the same model in a new Trainer (so convert() runs again) for every segment; a fresh partial each
-# time would recompile every segment
+# one object per scaling: torch.compile guards on the model's output_linear, so a model converted
+# again (a second gmlib.step.TrainStep around it) must find the same object, or it would recompile
 HEAD_LINEARS = {s: partial(fp8_linear, scaling=s) for s in SCALINGS}
 
 

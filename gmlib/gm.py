@@ -2,7 +2,8 @@
 
 Policy over mechanism: the router decides which documents each expert sees, the store keeps
 every expert's weights and AdamW state on disk / in RAM / on the GPU, the Trainer runs the
-ordinary loop. This module only decides the schedule:
+ordinary loop, one rank's slots and segments are gmlib.gm_rank's and gm.json is written by
+gmlib.gm_summary. This module only decides the schedule:
   1. rank 0 fits the router on (a sample of) the training documents and routes train and val
      into per-expert shard folders: out_dir/routed/round_000/{train,val}/expert_XXX;
   2. optionally (BTM, c-BTM) a seed run: the dense twin's first seed_fraction of the budget on
@@ -37,30 +38,24 @@ import os
 import time
 import warnings
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import atomic
-from .checkpoint import load_state_tensors, state_tensors
-from .data import TokenShards, WindowSampler
-from .fused import GroupTrainer
-from .mixture import window_logprobs
+from .checkpoint import load_state_tensors
+from .data import TokenShards
+from .gm_rank import SEED, Rank, branch_state, fresh_state, import_seed, job, state_bytes
+from .gm_summary import FORMAT, expert_name, summarize  # noqa: F401  (FORMAT: gm.json's, part of the API)
 from .model import GPT, GPTConfig, make_config
 from . import routing_cache
-from .checkpoint import read_checkpoint
-from .clock import PARTS, Clock
 from .router import load_router, make_router
 from .store import ExpertStore
-from .train import (VAL_SEED, Trainer, TrainConfig, branch_path, branch_step, make_optimizer, resolve_device,
-                    stable_until)
+from .train import TrainConfig, branch_path, branch_step, resolve_device, stable_until
 
-FORMAT = "gm-v1"
-SEED = "seed"  # the store name of the shared BTM seed run
 # settings a rerun into the same out_dir may change: they do not change what any expert learns
 # (each expert's run is independent of the order of segments; compile and group_size change only
 # the rounding); every other setting must stay
@@ -131,10 +126,6 @@ class GMConfig:
         return asdict(self)
 
 
-def expert_name(e: int) -> str:
-    return f"expert_{e:03d}"
-
-
 def _seed(*keys) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
@@ -144,15 +135,7 @@ def _barrier():
         dist.barrier()
 
 
-def _state_bytes(mcfg: GPTConfig) -> int:
-    """Upper bound of one expert's store size: fp32 weights + two Adam moments + steps, each
-    tensor aligned as the store lays it out (the shapes asked of a GPT on the meta device: no memory)."""
-    with torch.device("meta"):
-        sizes = [p.numel() for p in GPT(mcfg).parameters()]
-    return sum(3 * (-(-4 * n // 256) * 256) + 256 for n in sizes)
-
-
-state_bytes = _state_bytes  # public: a benchmark sizes the GPU tier (gpu_bytes) in expert states
+_state_bytes = state_bytes  # load_gm's name for gm_rank.state_bytes
 
 
 def plan_budget(cfg: GMConfig, tok_step: int, routed_tokens) -> dict:
@@ -201,223 +184,6 @@ def _refine_sample(train: TokenShards, n: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, 5]).permutation(train.n_docs)[:n])
 
 
-class _Rank:
-    """One rank's machinery: group_size GPTs, each with its AdamW, that the experts it trains borrow
-    in turn (slot 0 alone when group_size is 1)."""
-
-    def __init__(self, cfg: GMConfig, mcfg: GPTConfig, out: Path, dev: torch.device, n_own: int, rank: int,
-                 verbose: bool):
-        self.cfg, self.mcfg, self.out, self.rank, self.verbose = cfg, mcfg, out, rank, verbose
-        self.tcfg = replace(cfg.train, device=str(dev))
-        one = _state_bytes(mcfg)
-        phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        # the GPU tier's default: the group in training and the next group, prefetched
-        self.store = ExpertStore(out / "store", cfg.ram_bytes or max(one, min((n_own + 2) * one, phys // 2)),
-                                 cfg.gpu_bytes or 2 * cfg.group_size * one, dev)
-        torch.manual_seed(cfg.seed)
-        self.models = [GPT(mcfg).to(dev) for _ in range(cfg.group_size)]
-        self.opts = [make_optimizer(m, self.tcfg, dev) for m in self.models]
-        self.model = self.models[0]
-        self.steps, self.done = {}, set()  # what is known of each expert without loading it
-        self.finished = {}  # name -> record of an expert finished in the current phase, written at its end
-        self.clock = Clock(dev)  # where the GPU waits for experts (gmlib.clock)
-
-    def record_path(self, name):
-        return self.out / "experts" / f"{name}.json"
-
-    def _load(self, name, job, slot: int) -> tuple[dict, bool]:
-        """Expert `name`'s state (or job.init()'s: its tensors and, for a branch, its trainer state)
-        copied into slot `slot`; returns (meta, fresh). The clock counts fetch and load (init for a
-        new expert)."""
-        st, ck = self.store, self.clock
-        fresh = name not in st
-        with ck.part("init" if fresh else "fetch"):
-            tensors, meta = job.init() if fresh else st.get(name)
-        with ck.part("init" if fresh else "load"):
-            load_state_tensors(self.models[slot], self.opts[slot], tensors)  # copies: the store's views may now expire
-        return meta, fresh
-
-    def _prefetch(self, names):
-        with self.clock.part("fetch"):
-            for n in names:  # loads while this segment trains
-                if n in self.store:
-                    self.store.prefetch(n)
-
-    def _trainer(self, job, slot: int, meta: dict, fresh: bool) -> Trainer:
-        tr = Trainer(self.models[slot], job.tcfg, job.train, job.val, optimizer=self.opts[slot])
-        if meta.get("trainer"):
-            tr.load_state_dict(meta["trainer"])
-        if fresh and job.val:  # a branched expert's start is its seed's loss on this expert's documents
-            with self.clock.part("eval"):
-                meta["val_loss_start"] = tr.evaluate()
-        return tr
-
-    def _put(self, name, job, slot: int, tr: Trainer, meta: dict, before: int, acct: dict):
-        """After a segment: the expert's state and record back to the store (durably)."""
-        finished = tr.done or tr.step >= job.stop
-        meta.update(trainer=tr.state_dict(), accounting=acct, done=finished, rank=self.rank, pid=os.getpid())
-        if finished and job.val:  # run() validates a finished expert
-            h = tr.history
-            meta["val_loss"] = h["val_loss"][-1] if h["val_step"][-1:] == [tr.step] else tr.evaluate()
-        if tr.step > before or finished:
-            with self.clock.part("writeback"):
-                self.store.put(name, state_tensors(self.models[slot], self.opts[slot]), meta, durable=True,
-                               keep_optimizer=job.keep_optimizer or not finished)
-        if self.verbose and tr.history["loss"]:
-            val = f" val {meta['val_loss']:.3f}" if meta.get("val_loss") is not None else ""
-            print(f"  {name}: step {tr.step}/{tr.max_steps} loss {tr.history['loss'][-1]:.3f}{val}", flush=True)
-
-    def _record(self, name, meta: dict) -> dict:
-        self.steps[name] = meta["trainer"]["step"]
-        if meta["done"]:
-            self.done.add(name)
-            if not self.record_path(name).is_file():
-                self.finished[name] = meta  # its record is written at the end of the phase (phase())
-        return meta
-
-    def _found(self, hits: dict, fresh: bool) -> str:
-        """Where the store found what a segment loaded: new, or the slowest tier that served it."""
-        now = self.store.stats.hits
-        return "new" if fresh else next((k for k in ("disk", "ram", "dev") if now[k] > hits.get(k, 0)), "dev")
-
-    def segment(self, name, job, target, nxt=()) -> dict:
-        """Load expert `name` (or initialise it), train it toward step `target` for at most
-        segment_steps, and put it back, prefetching the experts `nxt` meanwhile. A run ends at its
-        budget or at job.stop (the seed: its branch step); the last segment stores weights only,
-        unless job.keep_optimizer (the seed, which others continue). self.clock times its parts
-        (fetch and load, or init; train, eval, writeback): a record a segment."""
-        ck, hits = self.clock, dict(self.store.stats.hits)
-        rec = ck.begin(expert=name)
-        meta, fresh = self._load(name, job, 0)
-        rec["found"] = self._found(hits, fresh)
-        self._prefetch(nxt)
-        tr = self._trainer(job, 0, meta, fresh)
-        rec["step"] = tr.step
-        if not meta.get("done"):
-            before, ev = tr.step, tr.acct["eval_seconds"]
-            with ck.part("train"):
-                acct = tr.run(min(self.cfg.segment_steps, max(0, target - tr.step)), progress=False)
-            ck.move("train", "eval", tr.acct["eval_seconds"] - ev)  # the validation inside run()
-            self._put(name, job, 0, tr, meta, before, acct)
-        rec["step_end"] = tr.step
-        ck.end()
-        return self._record(name, meta)
-
-    def group_segment(self, names, jobs, targets, nxt=()) -> list[dict]:
-        """segment() for several experts at once: loaded into the slots, trained together as one
-        fused model (gmlib.fused), each toward its own target and budget, put back one by one. One
-        clock record for the group (expert "a+b+...", its steps summed over the members)."""
-        ck, hits = self.clock, dict(self.store.stats.hits)
-        rec = ck.begin(expert="+".join(names))
-        loaded = [self._load(n, jobs[n], slot) for slot, n in enumerate(names)]
-        rec["found"] = self._found(hits, any(fresh for _, fresh in loaded))
-        self._prefetch(nxt)
-        trs = [self._trainer(jobs[n], slot, *loaded[slot]) for slot, n in enumerate(names)]
-        rec["step"] = sum(tr.step for tr in trs)
-        slots = [s for s, (meta, _) in enumerate(loaded) if not meta.get("done")]
-        if slots:
-            before = {s: trs[s].step for s in slots}
-            ev = sum(trs[s].acct["eval_seconds"] for s in slots)
-            steps = [min(self.cfg.segment_steps, max(0, targets[names[s]] - trs[s].step)) for s in slots]
-            with ck.part("train"):
-                accts = GroupTrainer([trs[s] for s in slots]).run(steps)
-            ck.move("train", "eval", sum(trs[s].acct["eval_seconds"] for s in slots) - ev)
-            for s, acct in zip(slots, accts):
-                self._put(names[s], jobs[names[s]], s, trs[s], loaded[s][0], before[s], acct)
-        rec["step_end"] = sum(tr.step for tr in trs)
-        ck.end()
-        return [self._record(n, meta) for n, (meta, _) in zip(names, loaded)]
-
-    def phase(self, jobs: dict, targets: dict):
-        """Round-robin segments until every expert reaches its target (or its budget), with group_size
-        G > 1 in groups of G that train together (a lone expert trains alone); then, once, the store
-        is flushed and the records of the experts finished in the phase are written (a record claims
-        what is on disk; flushing at each expert's end would stall the GPU)."""
-        self.done |= {n for n in jobs if self.record_path(n).is_file()}  # finished in an earlier run
-        todo = [n for n in jobs if n not in self.done and self.steps.get(n, -1) < targets[n]]
-        G = self.cfg.group_size
-        while todo:
-            groups = [todo[i:i + G] for i in range(0, len(todo), G)]
-            for i, grp in enumerate(groups):
-                nxt = groups[(i + 1) % len(groups)] if len(groups) > 1 else []
-                if len(grp) == 1:
-                    self.segment(grp[0], jobs[grp[0]], targets[grp[0]], nxt)
-                else:
-                    self.group_segment(grp, jobs, targets, nxt)
-            todo = [n for n in todo if n not in self.done and self.steps[n] < targets[n]]
-        if self.finished:
-            with self.clock.part("sync"):
-                self.store.flush()
-            for n, meta in self.finished.items():
-                atomic.write_json(self.record_path(n), {"name": n, **meta})
-            self.finished = {}
-
-    def loss_column(self, name, docs, path: Path):
-        """Expert `name`'s own mean loss (nats/token) on each refinement document."""
-        tensors, _ = self.store.get(name)
-        load_state_tensors(self.model, None, {k: v for k, v in tensors.items() if k.startswith("model.")})
-        T = self.mcfg.seq_len  # a document's first 4 contexts, windows without overlap: enough to rank experts
-        lps = window_logprobs(self.model.eval(), [d[:4 * T] for d in docs], stride=T)
-        col = np.array([-lp.mean() if len(lp) else 0.0 for lp in lps])
-        with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.save(f, col)
-
-
-def _job(rank: _Rank, train: TokenShards, val: TokenShards | None, max_steps: int, data_seed: int, init,
-         stop: int | None = None, keep_optimizer: bool = False, decay_frac: float | None = None):
-    T, bs = rank.mcfg.seq_len, rank.tcfg.batch_size
-    try:  # an expert whose val shard is too small for one window gets no val loss
-        vs = WindowSampler(val, T, bs, seed=VAL_SEED) if val is not None else None
-    except ValueError:
-        vs = None
-    tcfg = replace(rank.tcfg, max_steps=max(1, max_steps), max_tokens=None, seed=data_seed,
-                   decay_frac=rank.tcfg.decay_frac if decay_frac is None else decay_frac)
-    return SimpleNamespace(tcfg=tcfg, train=WindowSampler(train, T, bs, seed=data_seed), val=vs, init=init,
-                           stop=tcfg.max_steps if stop is None else stop, keep_optimizer=keep_optimizer)
-
-
-def _fresh(mcfg, seed):
-    torch.manual_seed(seed)
-    return {f"model.{k}": v for k, v in GPT(mcfg).state_dict().items()}, {}
-
-
-def _branch(seed_tensors: dict, seed_meta: dict):
-    """An expert's starting state at the branch point: the seed's weights and AdamW moments (with
-    their step counts), and its trainer step and data position; its own accounting starts at
-    zero (the seed's compute is counted once, in the seed's record)."""
-    t = seed_meta["trainer"]
-    return dict(seed_tensors), {"trainer": {"step": t["step"], "data_pos": t["data_pos"],
-                                            "acct": {"tokens": 0, "seconds": 0.0, "eval_seconds": 0.0},
-                                            "history": {k: [] for k in t["history"]}}}
-
-
-# the settings that make a seed checkpoint this gm's: its trajectory up to the branch point
-TWIN = ("batch_size", "grad_accum", "lr", "warmup_steps", "schedule", "betas", "grad_clip")
-
-
-def _import_seed(rk: _Rank, path: Path, branch: int, total: int, tok_step: int) -> dict:
-    """Put a dense run's branch checkpoint into the store as the seed (weights and moments) and
-    return its record; ValueError if it is not a state this gm's twin passes at `branch`."""
-    tensors, meta = read_checkpoint(path, "cpu")
-    tc, gm_tc = TrainConfig(**meta["train_config"]), rk.tcfg
-    if GPTConfig(**meta["config"]) != rk.mcfg:
-        raise ValueError(f"{path}: the seed's model {meta['config']} is not this gm's experts' {asdict(rk.mcfg)}")
-    if bad := [k for k in TWIN if getattr(tc, k) != getattr(gm_tc, k)]:
-        raise ValueError(f"{path}: the seed run's {bad} differ from this gm's: not its dense twin")
-    ck_total, ck_tok = meta.get("max_steps"), tc.batch_size * tc.grad_accum * rk.mcfg.seq_len
-    # a wsd state in its stable phase is the same in a run of any length; a cosine one only in its own length
-    same = branch <= stable_until(tc, ck_total) if tc.schedule == "wsd" else ck_total == total
-    if meta["step"] != branch or ck_tok != tok_step or not same:
-        raise ValueError(f"{path}: a state at step {meta['step']} of a {tc.schedule} run of {ck_total} steps; this gm "
-                         f"branches at step {branch} of {total} (in its stable phase for wsd, the same run for cosine)")
-    rec = {"trainer": {k: meta[k] for k in ("step", "data_pos", "acct", "history")}, "accounting": meta["accounting"],
-           "done": True, "rank": rk.rank, "pid": os.getpid(), "source": str(path), "data_seed": tc.seed,
-           "weight_decay": tc.weight_decay}
-    rk.store.put(SEED, tensors, rec, durable=True, keep_optimizer=True)
-    rk.store.flush()
-    atomic.write_json(rk.record_path(SEED), {"name": SEED, **rec})
-    return rec
-
 
 def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int = 1, verbose: bool = False,
              router=None, assign=None, routing=None) -> dict:
@@ -461,7 +227,7 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
             _route(router, data_root, out, 0, assign=assign, cache=routing)
     _barrier()
     t0 = time.perf_counter()
-    rk = _Rank(cfg, mcfg, out, dev, len(own), rank, verbose)
+    rk = Rank(cfg, mcfg, out, dev, len(own), rank, verbose)
     routed0 = json.loads((out / "routed" / "round_000" / "done.json").read_text())
     tok_step = cfg.train.batch_size * cfg.train.grad_accum * mcfg.seq_len
     plan = plan_budget(cfg, tok_step, routed0["tokens"])
@@ -476,10 +242,10 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
     if branch:
         if rank == 0 and not rk.record_path(SEED).is_file():
             if cfg.seed_from:
-                _import_seed(rk, branch_path(cfg.seed_from, branch), branch, plan["total_steps"], tok_step)
+                import_seed(rk, branch_path(cfg.seed_from, branch), branch, plan["total_steps"], tok_step)
             else:  # the dense twin's own start (gmlib.train.setup): its init, data order and budget
-                rk.phase({SEED: _job(rk, train_all, val_all, plan["total_steps"], cfg.seed,
-                                     lambda: _fresh(mcfg, cfg.seed), stop=branch, keep_optimizer=True)}, {SEED: branch})
+                rk.phase({SEED: job(rk, train_all, val_all, plan["total_steps"], cfg.seed,
+                                     lambda: fresh_state(mcfg, cfg.seed), stop=branch, keep_optimizer=True)}, {SEED: branch})
         _barrier()
         seed_meta = json.loads(rk.record_path(SEED).read_text())
         seed_tensors = rk.store.read(SEED)[0]
@@ -490,7 +256,7 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
         rd = out / "routed" / f"round_{r:03d}"
         jobs = {}
         for e in own:
-            init = (lambda: _branch(seed_tensors, seed_meta)) if branch else (lambda e=e: _fresh(mcfg, _seed(cfg.seed, 1, e)))
+            init = (lambda: branch_state(seed_tensors, seed_meta)) if branch else (lambda e=e: fresh_state(mcfg, _seed(cfg.seed, 1, e)))
             # expert 0 goes on with the seed's stream of batches (so a one-expert gm IS its dense twin);
             # the others draw their own, so experts that share documents (train_top_r > 1) still differ
             data_seed = seed_meta.get("data_seed", cfg.seed) if branch and e == 0 else _seed(cfg.seed, 2, e)
@@ -498,7 +264,7 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
             # as its twin does, but never before its branch point
             decay = min(cfg.train.decay_frac, plan["own_steps"][e] / max_steps[e]) if branch else None
             val = TokenShards(rd / "val" / expert_name(e)) if (rd / "val").is_dir() else None
-            jobs[expert_name(e)] = _job(rk, TokenShards(rd / "train" / expert_name(e)), val, max_steps[e],
+            jobs[expert_name(e)] = job(rk, TokenShards(rd / "train" / expert_name(e)), val, max_steps[e],
                                         data_seed, init, decay_frac=decay)
         rk.phase(jobs, {expert_name(e): branch + math.ceil(plan["own_steps"][e] * (p + 1) / phases) for e in own})
         if p == phases - 1:
@@ -528,59 +294,10 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
     _barrier()
     if rank != 0:
         return mine
-    summary = summarize(cfg, mcfg, out, world_size, plan, seed_meta)
+    final = max(r for r in range(cfg.refine_rounds + 1) if _round_done(out, r))
+    summary = summarize(cfg, mcfg, out, world_size, plan, seed_meta, final)
     atomic.write_json(out / "gm.json", summary)
     return summary
-
-
-ADDITIVE = ("tokens", "gpu_seconds", "eval_seconds", "flops_6nd", "flops")
-
-
-def summarize(cfg, mcfg, out: Path, world_size, plan: dict, seed_meta: dict | None) -> dict:
-    """gm.json: config, experts with their shares, steps and val losses, and compute summed over
-    experts (and the seed run) in the dense trainer's terms, plus the store's swap accounting and, from
-    each rank's clock (gmlib.clock), the time its GPU waited for experts (trainer_wait_s, _frac, _parts).
-    An expert's `steps` counts from the start of its trajectory (the seed's steps included);
-    `own_steps` are the ones it trained itself."""
-    shares, max_steps, branch = plan["shares"], plan["max_steps"], plan["branch_step"]
-    seed_acct = seed_meta["accounting"] if seed_meta else None
-    final = max(r for r in range(cfg.refine_rounds + 1) if _round_done(out, r))
-    routed = json.loads((out / "routed" / f"round_{final:03d}" / "done.json").read_text())
-    records = []
-    for e in range(cfg.n_experts):
-        m = json.loads((out / "experts" / f"{expert_name(e)}.json").read_text())
-        records.append({"name": expert_name(e), "expert": e, "rank": m["rank"], "pid": m["pid"], "share": float(shares[e]),
-                        "budget_tokens": int(plan["budget_tokens"][e]), "max_steps": max_steps[e], "steps": m["trainer"]["step"],
-                        "branch_step": branch, "own_steps": m["trainer"]["step"] - branch,
-                        "docs_final": routed["docs"][e], "val_loss_start": m.get("val_loss_start"),
-                        "val_loss": m.get("val_loss"), "accounting": m["accounting"], "history": m["trainer"]["history"]})
-    accts = [r["accounting"] for r in records] + ([seed_acct] if seed_acct else [])
-    acct = {k: sum(a[k] for a in accts) for k in ADDITIVE}
-    acct.update(step=acct["tokens"] // (cfg.train.batch_size * cfg.train.grad_accum * mcfg.seq_len),  # seed's included
-                params=cfg.n_experts * mcfg.n_params, params_per_expert=mcfg.n_params, params_active=mcfg.n_params,
-                flops_per_token=mcfg.flops_per_token(), tokens_per_s=acct["tokens"] / acct["gpu_seconds"] if acct["gpu_seconds"] else 0.0,
-                device=accts[0]["device"], seed_run=seed_acct)
-    ranks = [json.loads((out / "ranks" / f"rank_{r:03d}.json").read_text()) for r in range(world_size)]
-    moved = lambda s: s["bytes_to_dev"] + s["bytes_to_ram"] + s["bytes_to_disk"] + s["bytes_from_disk"]  # noqa: E731
-    swap = {"bytes_moved": sum(moved(r["store"]) for r in ranks), "copy_s": sum(r["store"]["copy_s"] for r in ranks),
-            "wait_s": sum(r["store"]["wait_s"] for r in ranks), "wall_s": max(r["wall_s"] for r in ranks)}
-    swap["wait_frac"] = max(r["store"]["wait_s"] / r["wall_s"] if r["wall_s"] else 0.0 for r in ranks)
-    # the trainer's own clock (gmlib.clock): time the GPU waited for experts in its segments, by part
-    waits = [r["trainer_wait"] for r in ranks if "trainer_wait" in r]  # a rank record of older code has none
-    if waits:
-        swap.update(trainer_wait_s=sum(w["trainer_wait_s"] for w in waits),
-                    trainer_wait_frac=max(w["trainer_wait_frac"] for w in waits),
-                    trainer_parts={f"{p}_s": sum(w[f"{p}_s"] for w in waits) for p in (*PARTS, "other")})
-    seed = None if seed_meta is None else {
-        "step": branch, "source": seed_meta.get("source", "trained here"), "val_loss": seed_meta.get("val_loss"),
-        "history": seed_meta["trainer"]["history"]}
-    return {"format": FORMAT, "config": cfg.to_dict(), "model_config": asdict(mcfg), "router": cfg.router,
-            "schedule": cfg.train.schedule, "seed_fraction": branch / plan["total_steps"], "train_top_r": cfg.train_top_r,
-            "total_steps": plan["total_steps"], "branch_step": branch, "seed": seed,
-            "router_path": f"router/round_{final:03d}", "n_experts": cfg.n_experts,
-            "experts": [r["name"] for r in records], "world_size": world_size, "shares": [float(s) for s in shares],
-            "val_loss": [r["val_loss"] for r in records], "records": records, "accounting": acct,
-            "swap": swap, "ranks": ranks}
 
 
 # ---------------------------------------------------------------- the evaluation side

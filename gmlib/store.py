@@ -4,13 +4,13 @@ and how long the caller waited.
 
 An expert is a flat dict[str, Tensor] (gmlib.checkpoint.state_tensors: `model.*` weights,
 `optim.*` AdamW state) plus a small JSON-able meta dict, held in every tier as one flat byte
-buffer (gmlib.expert_layout). The store knows nothing of training: the caller decides what to
+buffer (gmlib.expert_buffers.Layout). The store knows nothing of training: the caller decides what to
 put, what to prefetch and when.
 
 Tiers (least recently used first out):
-  disk  one safetensors file per version with a manifest (gmlib.expert_files), written by a
-        background I/O thread. A damaged file is reported (CorruptExpertWarning, naming the
-        file) and the previous good version is used.
+  disk  one safetensors file per version with a manifest (gmlib.expert_files), written and read by
+        a background I/O thread (gmlib.store_disk, ExpertStore's base class). A damaged file is
+        reported (CorruptExpertWarning, naming the file) and the previous good version is used.
   ram   one flat byte buffer per expert. With a CUDA device it is pinned by cudaHostRegister
         (exact size; pin_memory() rounds every allocation up to a power of two). Evicting an
         expert that changed since it was last saved writes it to disk (write-back).
@@ -45,7 +45,6 @@ expert when the caller synchronises at segment ends.
 """
 import copy
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import asdict, dataclass, field
@@ -54,14 +53,10 @@ from pathlib import Path
 
 import torch
 
-from . import expert_files
-from .expert_buffers import Buffer, Layout, StoreError, Tier, fits, host_buffer, plan
+from .expert_buffers import Buffer, Entry, Layout, StoreError, Tier, fits, host_buffer, plan
 from .expert_buffers import buffer_bytes  # noqa: F401  (part of this module's API)
 from .expert_files import check_meta, check_name
-
-
-class CorruptExpertWarning(UserWarning):
-    """A damaged expert file was found and skipped; an older good version was used instead."""
+from .store_disk import CorruptExpertWarning, StoreDisk  # noqa: F401  (CorruptExpertWarning: part of this module's API)
 
 
 @dataclass
@@ -89,16 +84,7 @@ class StoreStats:
         return self.get_s + self.put_s
 
 
-@dataclass
-class _Entry:
-    layout: Layout
-    meta: dict
-    buf: Buffer
-    dirty: bool = False  # RAM: newer than the newest version on disk
-    ready: object = None  # GPU tier: the CUDA event after which the data is in place (None: already)
-
-
-class ExpertStore:
+class ExpertStore(StoreDisk):
     """ExpertStore(root, ram_bytes, gpu_bytes, device): see the module docstring."""
 
     def __init__(self, root, ram_bytes: int, gpu_bytes: int, device="cpu", *, pin: bool | None = None,
@@ -168,14 +154,14 @@ class ExpertStore:
                     v.copy_(t)
                 self.stats.bytes_snapshot += layout.data_bytes
                 self._copy(rbuf, slot, layout, "bytes_to_ram")
-                self.dev.entries[name] = _Entry(layout, meta, slot)
+                self.dev.entries[name] = Entry(layout, meta, slot)
             else:  # tensors elsewhere (CPU tensors for a GPU store) or no room on the device: copy directly
                 t1 = time.perf_counter()
                 for v, t in zip(layout.views(rbuf.data).values(), keep.values()):
                     v.copy_(t)
                 self.stats.copy_s += time.perf_counter() - t1
                 self.stats.bytes_to_ram += layout.data_bytes
-        self.ram.entries[name] = _Entry(layout, meta, rbuf, dirty=True)
+        self.ram.entries[name] = Entry(layout, meta, rbuf, dirty=True)
         if durable:
             self._write_back(name, self.ram.entries[name])
         self.stats.put_s += time.perf_counter() - t0
@@ -249,31 +235,6 @@ class ExpertStore:
             self._side.synchronize()
         self._poll()
 
-    def read(self, name: str) -> tuple[dict, dict]:
-        """(tensors on the CPU, meta) of the newest good version on disk, bypassing the tiers
-        (for export and checks). Damaged versions are skipped with a CorruptExpertWarning."""
-        wait_futures(self._writing.get(name, []))
-        self._poll()
-        rec, layout, buf, problems = expert_files.read_newest(self.root / name, self._records(name), _host_buffer)
-        self._report(problems)
-        return layout.views(buf), copy.deepcopy(rec["meta"])
-
-    def verify(self, names=None) -> list[str]:
-        """Check every version file on disk (size, header, CRC-32) of `names` (default: all).
-        Returns the problems found, each naming its file; an empty list means all is well.
-        Experts that changed since their last save are not written first (see flush())."""
-        wait_futures([f for fs in self._writing.values() for f in fs])
-        self._poll()
-        problems = []
-        for name in sorted(names) if names is not None else self.names():
-            try:
-                records = self._records(name)
-            except StoreError as err:
-                problems.append(str(err))
-                continue
-            problems += expert_files.check_versions(self.root / name, records)
-        return problems
-
     def summary(self) -> dict:
         """The accounting as a plain dict (waits for copies in flight so their time is counted)."""
         if self.cuda:
@@ -323,7 +284,7 @@ class ExpertStore:
         buf.future = None
         return buf
 
-    def _slot_for_put(self, old: _Entry | None, nbytes: int) -> Buffer | None:
+    def _slot_for_put(self, old: Entry | None, nbytes: int) -> Buffer | None:
         if old is not None and fits(old.buf.capacity, nbytes):
             old.buf.wait_job()
             old.buf.future = None
@@ -379,7 +340,7 @@ class ExpertStore:
             end.record()
         return 0.0
 
-    def _fetch(self, name, need_dev: bool) -> _Entry | None:
+    def _fetch(self, name, need_dev: bool) -> Entry | None:
         """Make a GPU-tier entry for `name` whose data is on its way (from RAM or disk).
         Without room on the GPU tier: raise if need_dev, else bring it to RAM only (None)."""
         ram = self.ram.entries.get(name)
@@ -395,7 +356,7 @@ class ExpertStore:
             if slot is None:
                 return None
             ready = self._copy(slot, ram.buf, ram.layout, "bytes_to_dev")
-            e = self.dev.entries[name] = _Entry(ram.layout, ram.meta, slot, ready=ready)
+            e = self.dev.entries[name] = Entry(ram.layout, ram.meta, slot, ready=ready)
             return e
         records = self._records(name)
         layout = Layout(records[0]["layout"])
@@ -405,7 +366,7 @@ class ExpertStore:
         except StoreError:
             self.ram.free.append(rbuf)
             raise
-        ram = self.ram.entries[name] = _Entry(layout, copy.deepcopy(records[0]["meta"]), rbuf)
+        ram = self.ram.entries[name] = Entry(layout, copy.deepcopy(records[0]["meta"]), rbuf)
         after = events = None
         if slot is not None and self.cuda:
             # `after` marks what the caller has queued so far (reads of the slot's old contents)
@@ -421,7 +382,7 @@ class ExpertStore:
         slot.future = fut
         if events is not None:
             self._timed.append((fut, *events))
-        e = self.dev.entries[name] = _Entry(layout, ram.meta, slot, ready=slot.event)
+        e = self.dev.entries[name] = Entry(layout, ram.meta, slot, ready=slot.event)
         return e
 
     def _try_dev(self, nbytes, need: bool) -> Buffer | None:
@@ -431,119 +392,3 @@ class ExpertStore:
             if need:
                 raise
             return None
-
-    # ---------------------------------------------------------------- disk
-    def _records(self, name) -> list[dict]:
-        wait_futures(self._writing.get(name, []))
-        man = expert_files.read_manifest(self.root / name)
-        if man is None or not man["versions"]:
-            raise StoreError(f"no expert named {name!r} in the store {self.root}")
-        return man["versions"]
-
-    def _write_back(self, name, e: _Entry):
-        if name not in self._version:
-            man = expert_files.read_manifest(self.root / name)
-            self._version[name] = max((r["version"] for r in man["versions"]), default=0) if man else 0
-        self._version[name] += 1
-        e.dirty = False
-        fut = self._io.submit(self._write_job, name, self._version[name], e.layout, copy.deepcopy(e.meta), e.buf,
-                              e.buf.event)
-        e.buf.future = fut
-        self._writing.setdefault(name, []).append(fut)
-        self._jobs.append((fut, partial(self._written, name, e)))
-
-    def _write_job(self, name, version, layout, meta, buf, event) -> float:
-        """On the I/O thread: the version file, once the device-to-host copy into buf is done."""
-        if event is not None:
-            event.synchronize()
-        return expert_files.write_version(self.root / name, version, layout, meta, buf.data, self.keep_versions,
-                                          bad=self._bad)
-
-    def _load_job(self, name, records, rbuf, slot, layout, after, events):
-        """On the I/O thread: the newest good version into rbuf (or a new buffer when an older
-        version has another layout), then into the GPU slot."""
-        t0 = time.perf_counter()
-        rec, lay, data, problems = expert_files.read_newest(
-            self.root / name, records, lambda lay: rbuf.data if lay == layout else _host_buffer(lay))
-        out = {"rec": rec, "layout": lay, "data": data, "problems": problems,
-               "read_s": time.perf_counter() - t0, "copy_s": 0.0, "copied": False}
-        if slot is not None and lay == layout:
-            out["copy_s"], out["copied"] = self._job_copy(slot, rbuf, layout, after, events), True
-        return out
-
-    # ---------------------------------------------------------------- completions (caller's thread)
-    def _poll(self):
-        done = [(f, cb) for f, cb in self._jobs if f.done()]
-        self._jobs = [(f, cb) for f, cb in self._jobs if not f.done()]
-        keep = []
-        for fut, start, end in self._timed:
-            if fut is not None and not fut.done():
-                keep.append((fut, start, end))
-            elif end.query():
-                try:
-                    self.stats.copy_s += start.elapsed_time(end) / 1000
-                except RuntimeError:  # never recorded (its job failed)
-                    pass
-            else:
-                keep.append((fut, start, end))
-        self._timed = keep
-        errors = []
-        for fut, cb in done:
-            try:
-                cb(fut)
-            except StoreError as err:  # run every callback, then report the first failure
-                errors.append(err)
-        if errors:
-            raise errors[0]
-
-    def _report(self, problems):
-        for p in problems:
-            self._bad.add(p.path)
-            self.stats.corrupt.append(p.path)
-            warnings.warn(f"{p}; using an older version", CorruptExpertWarning, stacklevel=3)
-
-    def _written(self, name, e: _Entry, fut):
-        self._writing[name] = [f for f in self._writing.get(name, []) if f is not fut]
-        if not self._writing[name]:
-            del self._writing[name]
-        if fut.exception() is not None:
-            lost = self.ram.entries.get(name) is not e
-            if not lost:
-                e.dirty = True
-            raise StoreError(f"writing expert {name!r} to {self.root / name} failed"
-                             f"{' and its RAM copy is gone' if lost else ''}: {fut.exception()}") from fut.exception()
-        self.stats.bytes_to_disk += e.layout.data_bytes
-        self.stats.disk_write_s += fut.result()
-
-    def _loaded(self, name, ram: _Entry, fut):
-        dev = self.dev.entries.get(name)
-        dev = dev if dev is not None and dev.buf.future is fut else None
-        if fut.exception() is not None:  # no good copy: forget the entries; get() raises the error
-            if self.ram.entries.get(name) is ram:
-                self.ram.discard(name)
-            if dev is not None:
-                self.dev.discard(name)
-            return
-        res = fut.result()
-        self._report(res["problems"])
-        self.stats.bytes_from_disk += res["layout"].data_bytes
-        self.stats.disk_read_s += res["read_s"]
-        if res["copied"]:
-            self.stats.bytes_to_dev += res["layout"].data_bytes
-            self.stats.copy_s += res["copy_s"]
-        meta = copy.deepcopy(res["rec"]["meta"])
-        if res["layout"] == ram.layout:
-            ram.meta = meta
-            if dev is not None:
-                dev.meta = meta
-            return
-        # an older version with another layout was used: adopt its buffer, redo the GPU copy
-        if self.ram.entries.get(name) is ram:
-            self.ram.free.append(ram.buf)
-            self.ram.adopt(name, _Entry(res["layout"], meta, Buffer(res["data"])))
-        if dev is not None:
-            self.dev.discard(name)
-
-
-def _host_buffer(layout: Layout) -> torch.Tensor:
-    return torch.empty(layout.total, dtype=torch.uint8)

@@ -1,32 +1,28 @@
 """Training one model: the loop every dense baseline and every gm expert goes through.
 
 bf16 autocast on CUDA (fp32 on CPU), fused AdamW with weight decay on 2-D weights only,
-linear warmup times a cosine decay or warmup-stable-decay (WSD), gradient clipping and
-accumulation, optional torch.compile, periodic validation, compute accounting and atomic
-checkpoints.
+linear warmup times a cosine decay or warmup-stable-decay (WSD, gmlib.schedule), gradient
+clipping and accumulation, optional torch.compile, periodic validation, compute accounting
+and atomic checkpoints. WSD runs can save branch checkpoints along their stable phase
+(run_with_branches), from which gm experts continue.
 
-WSD and branching. Under WSD the learning rate is flat after the warmup until the last
-decay_frac of the budget, so the run's state at any step of the stable phase does not depend
-on how long the run will be. A run can therefore save branch checkpoints (run_with_branches:
-weights, AdamW moments, step, data position) along its stable phase; gm experts continue from
-one of them, and the same run, decayed at its end, is their dense twin.
+Two objects. The machinery of a step (gmlib.step.TrainStep: the model on its device, FP8
+conversion, AdamW, the compiled forward) is built once per model; a run (Trainer: its config,
+data, budget and RunState) borrows it. Resumable by construction: the WindowSampler's batch k
+depends only on (seed, k), so the whole data state is the position counter `data_pos`, and a
+resumed run sees exactly the batches an uninterrupted one would have seen.
 
-Resumable by construction: the WindowSampler's batch k depends only on (seed, k), so the
-whole data state is the position counter `data_pos`, and a resumed run sees exactly the
-batches an uninterrupted one would have seen.
-
-The multi-expert trainer drives a Trainer one expert at a time: build it around an existing
-model and optimizer, `run(n)` steps, and move the state out and in with `state_dict()` /
-`load_state_dict()` (JSON-able: step, data position, accounting, history) plus
-checkpoint.state_tensors() / load_state_tensors() for the tensors. No files involved.
+The multi-expert trainer keeps one TrainStep per slot and runs each segment of an expert as a
+Trainer on it, started from the expert's RunState (`state=`, JSON-able: step, data position,
+accounting, history) with checkpoint.state_tensors() / load_state_tensors() for the tensors,
+and saved back with `state_dict()`. No files involved.
 gmlib.fused trains several Trainers' models in one batched pass through the public parts of a
 step (start_step, next_batch, finish_step, log): each keeps its own schedule, optimizer and books.
 """
 import base64
 import math
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +32,10 @@ from tqdm import tqdm
 from . import atomic, checkpoint, fp8
 from .data import TokenShards, WindowSampler
 from .model import GPT, GPTConfig
+from .schedule import SCHEDULES, branch_path, branch_step, lr_at, stable_until  # noqa: F401  (train's API)
+from .step import TrainStep, make_optimizer, resolve_device  # noqa: F401  (train's API)
 
 VAL_SEED = 12345  # validation batches are the same whatever the training seed
-SCHEDULES = ("cosine", "wsd")
 
 
 @dataclass
@@ -86,101 +83,72 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: fp8_scaling={self.fp8_scaling!r}; choose one of {fp8.SCALINGS}")
 
 
-def resolve_device(name: str) -> torch.device:
-    """"auto", "cpu", "cuda" or "cuda:N"; asking for a GPU where none is usable is a clear error
-    here rather than a CUDA trace from the first tensor moved."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device={name!r}: not a device name; use 'auto', 'cpu' or 'cuda'") from e
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch has no CUDA" if torch.version.cuda is None else "no GPU is visible (CUDA_VISIBLE_DEVICES?)"
-            raise RuntimeError(f"device={name!r} asked for a GPU, but {why}; use device='auto' or 'cpu'")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise RuntimeError(f"device={name!r}: only {torch.cuda.device_count()} GPU(s) visible")
-    return dev
+HISTORY = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "val_step", "val_loss")
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device) -> torch.optim.AdamW:
-    """AdamW; decay only matrices (weights, embedding), not norm gains. Fused kernel on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=torch.device(device).type == "cuda")
+@dataclass
+class RunState:
+    """What a run has done, JSON-able: the step, the data position (the WindowSampler's batch
+    counter), the accounting (tokens, seconds, eval_seconds) and the history. It travels with a
+    checkpoint or a gm expert's store entry; the machinery (gmlib.step.TrainStep) does not."""
+    step: int = 0
+    data_pos: int = 0
+    acct: dict = field(default_factory=lambda: {"tokens": 0, "seconds": 0.0, "eval_seconds": 0.0})
+    history: dict = field(default_factory=lambda: {k: [] for k in HISTORY})
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "data_pos": self.data_pos, "acct": dict(self.acct),
+                "history": {k: list(v) for k, v in self.history.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunState":
+        return cls(d["step"], d["data_pos"], dict(d["acct"]), {k: list(v) for k, v in d["history"].items()})
 
 
-def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
-    """Linear warmup over the first warmup_steps, times the schedule's shape over the budget
-    (progress 0..1: the largest spent fraction of steps, tokens or seconds):
-      cosine: from lr to min_lr over the whole budget;
-      wsd:    lr until 1 - decay_frac, then 1 - sqrt down to min_lr at the end. 1 - sqrt rather
-              than linear: Hägele et al. 2024 (Scaling Laws and Compute-Optimal Training Beyond
-              Fixed Training Durations) find it beats a linear cooldown and matches cosine."""
-    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    p = min(progress, 1.0)
-    if cfg.schedule == "cosine":
-        shape = 0.5 * (1 + math.cos(math.pi * p))
-    else:
-        into = (p - (1 - cfg.decay_frac)) / cfg.decay_frac if cfg.decay_frac else 0.0
-        shape = 1 - math.sqrt(min(1.0, max(0.0, into)))
-    return warm * (cfg.min_lr + (cfg.lr - cfg.min_lr) * shape)
-
-
-def branch_step(fraction: float, total_steps: int) -> int:
-    """The step at which a run of total_steps passes `fraction` of its budget: where gm experts
-    branch (gm.py) and where a dense run saves the checkpoint they branch from (run_with_branches).
-    One function for both, so the two always agree."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"branch fraction {fraction} must be in (0, 1)")
-    return max(1, min(total_steps - 1, round(fraction * total_steps)))
-
-
-def stable_until(cfg: TrainConfig, total_steps: int) -> int:
-    """The last step whose learning rate (after warmup) does not depend on the budget: the
-    state at a step <= this is the same in a run of any length >= total_steps' decay start."""
-    return math.floor((1 - cfg.decay_frac) * total_steps) if cfg.schedule == "wsd" else 0
-
-
-def branch_path(ckpt_dir, step: int) -> Path:
-    """Where a run saves its branch checkpoint at `step` (next to its checkpoint.safetensors)."""
-    return Path(ckpt_dir) / f"branch_{step:07d}.safetensors"
+def _on_state(name: str) -> property:
+    """Trainer.<name> reads and writes Trainer.state.<name>."""
+    return property(lambda self: getattr(self.state, name), lambda self, v: setattr(self.state, name, v))
 
 
 class Trainer:
-    def __init__(self, model: GPT, cfg: TrainConfig, train: WindowSampler, val: WindowSampler | None = None,
-                 optimizer: torch.optim.Optimizer | None = None, ckpt_path=None):
-        check_data(model.cfg, train, cfg)
+    """One run: a config (budget, schedule), its data, a RunState, and the step machinery it trains
+    with. `model` is a GPT (a TrainStep is built for it, around `optimizer` if given) or a TrainStep
+    built earlier, which the run borrows: gm's trainer lends one to each segment of every expert of
+    that shape, so fp8 conversion and compilation happen once. `state` (a RunState.to_dict()) starts
+    the run where an earlier one stopped."""
+
+    def __init__(self, model: GPT | TrainStep, cfg: TrainConfig, train: WindowSampler, val: WindowSampler | None = None,
+                 optimizer: torch.optim.Optimizer | None = None, ckpt_path=None, state: dict | None = None):
+        built = isinstance(model, TrainStep)
+        check_data((model.model if built else model).cfg, train, cfg)
+        if built:
+            if optimizer is not None:
+                raise ValueError("Trainer: a TrainStep brings its own optimizer")
+            model.check(cfg)
+        self.machine = model if built else TrainStep(model, cfg, optimizer)
         self.cfg, self.train_data, self.val_data = cfg, train, val
-        self.device = resolve_device(cfg.device)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # any fp32 matmul left outside autocast
-            torch.backends.cudnn.allow_tf32 = True
-        self.model = fp8.convert(model.to(self.device), cfg.fp8, cfg.fp8_scaling)
-        if cfg.bf16_residual and self.device.type == "cuda":
-            self.model.residual_dtype = torch.bfloat16
-        self.optimizer = optimizer or make_optimizer(self.model, cfg, self.device)
-        self.forward = torch.compile(self.model, mode=cfg.compile_mode) if cfg.compile else self.model
         self.ckpt_path = Path(ckpt_path) if ckpt_path else None
         self.tokens_per_step = train.batch_size * train.seq_len * cfg.grad_accum
         self.max_steps = cfg.max_steps
         if cfg.max_tokens:
             self.max_steps = min(self.max_steps, math.ceil(cfg.max_tokens / self.tokens_per_step))
-        self.step, self.data_pos, self._t = 0, 0, None  # _t: start of the timed stretch while run() runs
-        self.acct = {"tokens": 0, "seconds": 0.0, "eval_seconds": 0.0}
-        self.history = {k: [] for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "val_step", "val_loss")}
+        self.state = RunState.from_dict(state) if state else RunState()
+        self._t = None  # start of the timed stretch while run() runs
+
+    # ---- the machinery and the state, by their usual names ----
+    model = property(lambda self: self.machine.model)
+    optimizer = property(lambda self: self.machine.optimizer)
+    forward = property(lambda self: self.machine.forward)
+    device = property(lambda self: self.machine.device)
+
+    step, data_pos, acct, history = (_on_state(k) for k in ("step", "data_pos", "acct", "history"))
 
     # ---- state without files (the multi-expert trainer swaps these) ----
     def state_dict(self) -> dict:
-        return {"step": self.step, "data_pos": self.data_pos, "acct": dict(self.acct),
-                "history": {k: list(v) for k, v in self.history.items()}}
+        return self.state.to_dict()
 
     def load_state_dict(self, state: dict):
-        self.step, self.data_pos = state["step"], state["data_pos"]
-        self.acct = dict(state["acct"])
-        self.history = {k: list(v) for k, v in state["history"].items()}
+        self.state = RunState.from_dict(state)
 
     # ---- budget and schedule ----
     def seconds(self) -> float:
@@ -197,34 +165,25 @@ class Trainer:
 
     # ---- the loop ----
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
-
-    def _batch(self, sampler: WindowSampler, i: int):
-        xy = torch.from_numpy(np.stack(sampler.batch(i)))  # one host-to-device copy for inputs and targets
-        if self.device.type == "cuda":
-            xy = xy.pin_memory().to(self.device, non_blocking=True)
-        return xy[0], xy[1]
+        return self.machine.autocast()
 
     # ---- one optimizer step in three public parts: gmlib.fused drives several Trainers through them ----
     def start_step(self) -> float:
         """Set this step's learning rate (the schedule at the current step and progress); returns it."""
         lr = lr_at(self.cfg, self.step, self.progress())
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        self.machine.set_lr(lr)
         return lr
 
     def next_batch(self):
         """The next training micro-batch (inputs, targets) on the device; advances the data position."""
-        x, y = self._batch(self.train_data, self.data_pos)
+        x, y = self.machine.batch(self.train_data, self.data_pos)
         self.data_pos += 1
         return x, y
 
     def finish_step(self):
         """After the micro-batches' backward: clip, step the optimizer, clear the gradients, count the
         step and its tokens. Returns the gradient norm before clipping (a device tensor)."""
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        norm = self.machine.update(self.cfg.grad_clip)
         self.step += 1
         self.acct["tokens"] += self.tokens_per_step
         return norm
@@ -233,9 +192,7 @@ class Trainer:
         lr = self.start_step()
         total = 0.0
         for _ in range(self.cfg.grad_accum):
-            x, y = self.next_batch()
-            with self.autocast():
-                _, loss = self.forward(x, y, return_logits=False)
+            loss = self.machine.loss(*self.next_batch())
             (loss / self.cfg.grad_accum).backward()
             total = total + loss.detach()
         return total / self.cfg.grad_accum, self.finish_step(), lr
@@ -301,23 +258,14 @@ class Trainer:
             bar.update(self.step - bar.n)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
 
-    @torch.no_grad()
     def evaluate(self, batches: int | None = None, sampler: WindowSampler | None = None) -> float:
         """Mean loss over the first `batches` batches of the validation sampler: the same batches
         every time, so successive values are comparable. Eager (the compiled graph is for training)."""
         sampler = sampler or self.val_data
         if sampler is None:
             raise ValueError("Trainer.evaluate: no validation sampler")
-        t0, was_training = time.perf_counter(), self.model.training
-        self.model.eval()
-        total = torch.zeros((), device=self.device)
-        n = batches or self.cfg.eval_batches
-        for i in range(n):
-            x, y = self._batch(sampler, i)
-            with self.autocast():
-                total += self.model(x, y, return_logits=False)[1].float()
-        self.model.train(was_training)
-        loss = total.item() / n
+        t0 = time.perf_counter()
+        loss = self.machine.evaluate(sampler, batches or self.cfg.eval_batches)
         self.acct["eval_seconds"] += time.perf_counter() - t0
         return loss
 

@@ -14,10 +14,13 @@ import torch
 import yaml
 
 from gmlib import gm
+from gmlib.checkpoint import read_checkpoint, state_tensors
 from gmlib.data import ShardWriter, TokenShards
 from gmlib.mixture import MixtureConfig, MixtureLM, window_logprobs
 from gmlib.paths import REPO_ROOT
+from gmlib.step import TrainStep
 from gmlib.store import ExpertStore
+from gmlib.train import Trainer
 
 ROUTER_CFG = {"n_features": 4096, "n_units": 4096, "wta_k": 32, "epochs": 2}
 TRAIN = dict(batch_size=8, lr=1e-2, min_lr=1e-3, warmup_steps=5, eval_every=0, eval_batches=3, log_every=5)
@@ -126,7 +129,7 @@ def test_resume_after_a_crash_continues_bit_identically(small_run, tiny_shards, 
     ref_out, ref = small_run
     assert ref["accounting"]["seed_run"]["step"] == 6
     out, calls, trained = tmp_path / "gm", [0], []
-    real_run = gm.Trainer.run
+    real_run = Trainer.run
 
     def crashing_run(self, steps=None, **kw):
         calls[0] += 1
@@ -137,7 +140,7 @@ def test_resume_after_a_crash_continues_bit_identically(small_run, tiny_shards, 
         trained.append(self.step - before)
         return acct
 
-    monkeypatch.setattr(gm.Trainer, "run", crashing_run)
+    monkeypatch.setattr(Trainer, "run", crashing_run)
     with pytest.raises(KeyboardInterrupt):
         gm.train_gm(gm.GMConfig.from_dict(SMALL), tiny_shards, out)
     first = sum(trained)
@@ -286,15 +289,15 @@ def test_one_expert_gm_is_its_dense_twin(dense_twin, tiny_shards, tmp_path, monk
     expert starts at its branch step in exactly the seed's state (weights, moments, step)."""
     dense_dir, dense_hist, dense_w, dense_acct = dense_twin
     starts = []
-    real_run = gm.Trainer.run
+    real_run = Trainer.run
 
     def spy(self, steps=None, **kw):
         if self.acct["tokens"] == 0:  # the first segment of a run: what it starts from
             starts.append((self.step, self.data_pos, {k: v.detach().clone()
-                                                       for k, v in gm.state_tensors(self.model, self.optimizer).items()}))
+                                                       for k, v in state_tensors(self.model, self.optimizer).items()}))
         return real_run(self, steps, **kw)
 
-    monkeypatch.setattr(gm.Trainer, "run", spy)
+    monkeypatch.setattr(Trainer, "run", spy)
     s = one_expert_gm(tiny_shards, tmp_path / "gm", seed_fraction=fraction,
                       seed_from=str(dense_dir) if from_dense else None)
     b = gm.branch_step(fraction, 30)
@@ -302,7 +305,7 @@ def test_one_expert_gm_is_its_dense_twin(dense_twin, tiny_shards, tmp_path, monk
     seed_tensors, seed_meta = ExpertStore(tmp_path / "gm" / "store", 1 << 30, 1 << 30).read(gm.SEED)
     assert seed_meta["trainer"]["step"] == b and json.loads((tmp_path / "gm" / "experts" / "seed.json").read_text())
     # the seed is the dense run's stable phase: bit for bit its branch checkpoint (also when trained here)
-    ck, _ = gm.read_checkpoint(dense_dir / f"branch_{b:07d}.safetensors")
+    ck, _ = read_checkpoint(dense_dir / f"branch_{b:07d}.safetensors")
     if b in (9, 21):
         assert set(ck) == set(seed_tensors) and all(torch.equal(ck[k], seed_tensors[k]) for k in ck)
     step, pos, state = starts[-1]  # the expert's first segment
@@ -370,13 +373,13 @@ def test_top_r_equal_k_gives_every_expert_all_data(tiny_shards, tmp_path, monkey
     cfg = dict(n_experts=3, router="random", model={"seq_len": 64}, tokens=30 * 8 * 64,
                segment_steps=10, device="cpu", seed_fraction=0.5, train_top_r=3, **{**WSD, "weight_decay": 0.7})
     out, decays = tmp_path / "gm", []
-    real_run = gm.Trainer.run
+    real_run = Trainer.run
 
     def spy(self, steps=None, **kw):
         decays.append([g["weight_decay"] for g in self.optimizer.param_groups])
         return real_run(self, steps, **kw)
 
-    monkeypatch.setattr(gm.Trainer, "run", spy)
+    monkeypatch.setattr(Trainer, "run", spy)
     s = gm.train_gm(gm.GMConfig.from_dict(cfg), tiny_shards, out)
     assert len(decays) == 2 + 3 and all(d == [0.7, 0.0] for d in decays)  # seed: 2 segments; matrices decay, gains not
     src = TokenShards(tiny_shards / "train")
@@ -387,3 +390,23 @@ def test_top_r_equal_k_gives_every_expert_all_data(tiny_shards, tmp_path, monkey
     assert [r["own_steps"] for r in s["records"]] == [5, 5, 5] and s["accounting"]["tokens"] == 30 * 8 * 64
     a, b = weights(out, "expert_000"), weights(out, "expert_001")
     assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_step_machinery_is_built_once_and_lent_to_every_segment(tiny_shards, tmp_path, monkeypatch):
+    """One gmlib.step.TrainStep for the rank's slot (fp8 conversion and compilation once), borrowed
+    by every segment of the seed and of every expert."""
+    built, lent = [], []
+    real_init, real_run = TrainStep.__init__, Trainer.run
+
+    def init(self, *a, **kw):
+        built.append(self)
+        real_init(self, *a, **kw)
+
+    def spy(self, steps=None, **kw):
+        lent.append(self.machine)
+        return real_run(self, steps, **kw)
+
+    monkeypatch.setattr(TrainStep, "__init__", init)
+    monkeypatch.setattr(Trainer, "run", spy)
+    gm.train_gm(gm.GMConfig.from_dict(SMALL), tiny_shards, tmp_path / "gm")
+    assert len(built) == 1 and len(lent) > 3 and all(m is built[0] for m in lent)

@@ -91,6 +91,22 @@ def test_resume_in_memory_equals_uninterrupted(syn_shards, uninterrupted):
     assert_same_run(*uninterrupted, second.history, weights(second.model))
 
 
+def test_runs_borrowing_one_train_step_continue_exactly(syn_shards, uninterrupted):
+    """gm's pattern: the step machinery built once, two runs in turn on it, the second started from
+    the first's RunState (the tensors stay in the machinery's model and optimizer); a run whose
+    config differs in a machinery setting is refused."""
+    first = setup(MODEL, TrainConfig(**TCFG), syn_shards)
+    first.run(steps=10, progress=False)
+    second = Trainer(first.machine, TrainConfig(**TCFG), first.train_data, first.val_data, state=first.state_dict())
+    assert second.model is first.model and second.optimizer is first.optimizer and second.step == 10
+    second.run(progress=False)
+    assert_same_run(*uninterrupted, second.history, weights(second.model))
+    with pytest.raises(ValueError, match="fp8"):
+        Trainer(first.machine, TrainConfig(**TCFG, fp8="head"), first.train_data)
+    with pytest.raises(ValueError, match="own optimizer"):
+        Trainer(first.machine, TrainConfig(**TCFG), first.train_data, optimizer=first.optimizer)
+
+
 KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
     from gmlib.model import make_config
