@@ -122,9 +122,10 @@ def record_settings(v: dict) -> dict:
     """The settings in the records' own names (results/bench/*.json, written before the flat names)."""
     from gmlib.train import TrainConfig
     t = TrainConfig(**{k: v[k] for k in v if k in TrainConfig.__dataclass_fields__})
-    return {"compile": t.compile, "mode": t.compile_mode, "activation": v["activation"], "fp32_logits": v["fp32_logits"],
-            "inductor": v["inductor"], "sdpa": t.sdpa, "fp8": t.fp8, "fp8_scaling": t.fp8_scaling,
-            "bf16_residual": t.bf16_residual, "config": v["model_size"], "batch": t.batch_size}
+    return {"compile": t.compile, "mode": t.compile_mode, "activation": v["activation"],
+            "fp32_logits": v["fp32_logits"], "inductor": v["inductor"], "sdpa": t.sdpa, "fp8": t.fp8,
+            "fp8_scaling": t.fp8_scaling, "bf16_residual": t.bf16_residual, "config": v["model_size"],
+            "batch": t.batch_size}
 
 
 def build_trainer(name: str, shard_dir, val_dir=None, **train_overrides):

@@ -78,7 +78,8 @@ class Router:
 
     def __init__(self, cfg: RouterConfig):
         if cfg.n_experts is None:
-            raise ValueError("RouterConfig.n_experts is unset: a router takes the gm's (make_router(kind, n_experts, ...))")
+            raise ValueError("RouterConfig.n_experts is unset: a router takes the gm's "
+                             "(make_router(kind, n_experts, ...))")
         self.cfg = cfg
         self.n_experts = cfg.n_experts
 

@@ -81,7 +81,8 @@ def test_every_params_file_speaks_its_notebooks_dialect(path):
 
 
 def _configs(stem):
-    return {"03_train_dense": (TrainConfig, GPTConfig), "04_train_gm": (gm.GMConfig, TrainConfig, GPTConfig)}.get(stem, ())
+    return {"03_train_dense": (TrainConfig, GPTConfig),
+            "04_train_gm": (gm.GMConfig, TrainConfig, GPTConfig)}.get(stem, ())
 
 
 def test_notebook_04_and_scripts_train_gm_build_one_gm_from_one_file(tmp_path):
