@@ -35,60 +35,58 @@ from gmlib.paths import results_dir  # noqa: E402  (honours GM_RESULTS_DIR)
 PEAK_FLOPS = 989e12
 VOCAB = 32000
 
-# name -> settings; suites list names in priority order (a time budget runs them until it is spent)
-BASE = dict(batch=32, compile=True, mode=None, activation="gelu", fp32_logits=False, inductor={}, seq_len=1024,
-            sdpa=None, fp8="", fp8_scaling="tensor", bf16_residual=False, n_head=None)
+# name -> a gmlib.config preset plus overrides, in the flat names of TrainConfig and GPTConfig (model_size: the
+# gmlib.model preset) that notebooks 03 and 04 take, beside two settings only this harness has: fp32_logits
+# (the naive loss path) and inductor (torch._inductor.config flags). Suites list names in priority order
+# (a time budget runs them until it is spent).
+BASE = dict(model_size="124m", activation="gelu", seq_len=1024, fp32_logits=False, inductor={})
 VARIANTS = {
-    "124m-b32": dict(config="124m"),
-    "350m-b16": dict(config="350m", batch=16),
-    "124m-b32-eager": dict(config="124m", compile=False),                 # what compile buys
-    "124m-b16": dict(config="124m", batch=16),                            # what the micro-batch buys
-    "124m-b32-fp32logits": dict(config="124m", fp32_logits=True),         # the naive loss path
-    "124m-b32-relu2": dict(config="124m", activation="relu2"),
-    "124m-b64": dict(config="124m", batch=64),
-    "350m-b32": dict(config="350m", batch=32),
-    "350m-b16-relu2": dict(config="350m", batch=16, activation="relu2"),
-    "124m-b32-autotune": dict(config="124m", mode="max-autotune-no-cudagraphs"),
-    "124m-b32-coordtune": dict(config="124m", inductor={"coordinate_descent_tuning": True}),
-    "350m-b16-autotune": dict(config="350m", batch=16, mode="max-autotune-no-cudagraphs"),
+    "124m-b32": dict(preset="compiled"),
+    "350m-b16": dict(preset="compiled", model_size="350m", batch_size=16),
+    "124m-b32-eager": dict(preset="compiled", compile=False),                 # what compile buys
+    "124m-b16": dict(preset="compiled", batch_size=16),                       # what the micro-batch buys
+    "124m-b32-fp32logits": dict(preset="compiled", fp32_logits=True),         # the naive loss path
+    "124m-b32-relu2": dict(preset="compiled", activation="relu2"),
+    "124m-b64": dict(preset="compiled", batch_size=64),
+    "350m-b32": dict(preset="compiled", model_size="350m"),
+    "350m-b16-relu2": dict(preset="compiled", model_size="350m", batch_size=16, activation="relu2"),
+    "124m-b32-autotune": dict(preset="compiled", compile_mode="max-autotune-no-cudagraphs"),
+    "124m-b32-coordtune": dict(preset="compiled", inductor={"coordinate_descent_tuning": True}),
+    "350m-b16-autotune": dict(preset="compiled", model_size="350m", batch_size=16,
+                              compile_mode="max-autotune-no-cudagraphs"),
     # SDPA through cuDNN's fused attention instead of FlashAttention-2 (faster on Hopper in NVIDIA's figures)
-    "124m-b32-cudnn": dict(config="124m", sdpa="cudnn"),
-    "124m-b32-relu2-cudnn": dict(config="124m", activation="relu2", sdpa="cudnn"),
-    "350m-b16-cudnn": dict(config="350m", batch=16, sdpa="cudnn"),
-    "124m-b32-cudagraphs": dict(config="124m", mode="reduce-overhead"),  # CUDA graphs: no launch gaps
+    "124m-b32-cudnn": dict(preset="compiled", sdpa="cudnn"),
+    "124m-b32-relu2-cudnn": dict(preset="compiled", activation="relu2", sdpa="cudnn"),
+    "350m-b16-cudnn": dict(preset="compiled", model_size="350m", batch_size=16, sdpa="cudnn"),
+    "124m-b32-cudagraphs": dict(preset="compiled", compile_mode="reduce-overhead"),  # CUDA graphs: no launch gaps
     # FP8 training matmuls (gmlib.fp8): the output projection alone, or every matmul but attention's
-    "124m-b32-relu2-cudnn-fp8head": dict(config="124m", activation="relu2", sdpa="cudnn", fp8="head"),
-    "124m-b32-relu2-cudnn-fp8": dict(config="124m", activation="relu2", sdpa="cudnn", fp8="all"),
-    "350m-b16-fp8": dict(config="350m", batch=16, fp8="all"),
-    # the measured gains stacked: batch 64 (+2.2% alone), ReLU², cuDNN attention, with and without FP8
-    "124m-b64-relu2-cudnn": dict(config="124m", batch=64, activation="relu2", sdpa="cudnn"),
-    "124m-b64-relu2-cudnn-fp8": dict(config="124m", batch=64, activation="relu2", sdpa="cudnn", fp8="all"),
+    "124m-b32-relu2-cudnn-fp8head": dict(preset="fast", batch_size=32, fp8="head"),
+    "124m-b32-relu2-cudnn-fp8": dict(preset="fast", batch_size=32, fp8="all"),
+    "350m-b16-fp8": dict(preset="compiled", model_size="350m", batch_size=16, fp8="all"),
+    # the measured gains stacked (preset "fast"): batch 64 (+2.2% alone), ReLU², cuDNN attention; with FP8
+    "124m-b64-relu2-cudnn": dict(preset="fast"),
+    "124m-b64-relu2-cudnn-fp8": dict(preset="fast", fp8="all"),
     # session 5, each aimed at a share of the profile: the residual stream in bf16 (the norms' and adds'
     # bytes), heads of 128 instead of 64 (the attention kernels), FP8 with a scale per row (casts that
     # fuse into their producers, unlike the tensorwise amax; measured slower), alone and stacked
-    "124m-b64-relu2-cudnn-bf16res": dict(config="124m", batch=64, activation="relu2", sdpa="cudnn",
-                                         bf16_residual=True),
-    "124m-b64-relu2-cudnn-h6": dict(config="124m", batch=64, activation="relu2", sdpa="cudnn", n_head=6),
-    "124m-b64-relu2-cudnn-h6-bf16res": dict(config="124m", batch=64, activation="relu2", sdpa="cudnn", n_head=6,
-                                            bf16_residual=True),
-    "124m-b64-relu2-cudnn-h6-bf16res-fp8": dict(config="124m", batch=64, activation="relu2", sdpa="cudnn",
-                                                n_head=6, bf16_residual=True, fp8="all"),
-    "124m-b64-relu2-cudnn-h6-bf16res-fp8row": dict(config="124m", batch=64, activation="relu2", sdpa="cudnn",
-                                                   n_head=6, bf16_residual=True, fp8="all", fp8_scaling="row"),
+    "124m-b64-relu2-cudnn-bf16res": dict(preset="fast", bf16_residual=True),
+    "124m-b64-relu2-cudnn-h6": dict(preset="fast", n_head=6),
+    "124m-b64-relu2-cudnn-h6-bf16res": dict(preset="fast", n_head=6, bf16_residual=True),
+    "124m-b64-relu2-cudnn-h6-bf16res-fp8": dict(preset="fastest"),        # the README's fastest
+    "124m-b64-relu2-cudnn-h6-bf16res-fp8row": dict(preset="fastest", fp8_scaling="row"),
     # the gated MLP (issue 15) on the fastest 124m stack: Llama's SwiGLU, width 2048 (the same parameters and
     # FLOPs as ReLU²'s 3072), one fused [gate; up] matmul; compare it with the line above in one call
-    "124m-b64-swiglu-cudnn-h6-bf16res-fp8": dict(config="124m", batch=64, activation="swiglu", sdpa="cudnn",
-                                                 n_head=6, bf16_residual=True, fp8="all"),
-    "350m-b16-relu2-cudnn-h8-bf16res": dict(config="350m", batch=16, activation="relu2", sdpa="cudnn", n_head=8,
+    "124m-b64-swiglu-cudnn-h6-bf16res-fp8": dict(preset="fastest", activation="swiglu"),
+    "350m-b16-relu2-cudnn-h8-bf16res": dict(preset="fast", model_size="350m", batch_size=16, n_head=8,
                                             bf16_residual=True),
-    "350m-b16-relu2-cudnn-h8-bf16res-fp8row": dict(config="350m", batch=16, activation="relu2", sdpa="cudnn",
-                                                   n_head=8, bf16_residual=True, fp8="all", fp8_scaling="row"),
-    "350m-b16-relu2-cudnn-h8-bf16res-fp8": dict(config="350m", batch=16, activation="relu2", sdpa="cudnn",
-                                                n_head=8, bf16_residual=True, fp8="all"),
-    "tiny-cpu": dict(config="tiny", batch=8, compile=False, seq_len=128),
-    "tiny-cpu-swiglu": dict(config="tiny", batch=8, compile=False, seq_len=128, activation="swiglu"),
-    "tiny-cpu-bf16res-fp8row": dict(config="tiny", batch=8, compile=False, seq_len=128, bf16_residual=True,
-                                    fp8="all", fp8_scaling="row"),
+    "350m-b16-relu2-cudnn-h8-bf16res-fp8row": dict(preset="fastest", model_size="350m", batch_size=16, n_head=8,
+                                                   fp8_scaling="row"),
+    "350m-b16-relu2-cudnn-h8-bf16res-fp8": dict(preset="fastest", model_size="350m", batch_size=16, n_head=8),
+    "tiny-cpu": dict(preset="compiled", model_size="tiny", batch_size=8, compile=False, seq_len=128),
+    "tiny-cpu-swiglu": dict(preset="compiled", model_size="tiny", batch_size=8, compile=False, seq_len=128,
+                            activation="swiglu"),
+    "tiny-cpu-bf16res-fp8row": dict(preset="compiled", model_size="tiny", batch_size=8, compile=False, seq_len=128,
+                                    bf16_residual=True, fp8="all", fp8_scaling="row"),
 }
 SUITES = {
     "cpu": ["tiny-cpu"],
@@ -113,28 +111,41 @@ def random_shards(root: Path, n_tokens: int = 1 << 22):
     return root
 
 
+def settings(name: str) -> dict:
+    """A variant's flat settings: BASE, its preset, its overrides (later ones winning); the TrainConfig and
+    GPTConfig fields it leaves out take the dataclasses' defaults."""
+    from gmlib import config
+    return {**BASE, **config.PRESETS[VARIANTS[name]["preset"]], **VARIANTS[name]}
+
+
+def record_settings(v: dict) -> dict:
+    """The settings in the records' own names (results/bench/*.json, written before the flat names)."""
+    from gmlib.train import TrainConfig
+    t = TrainConfig(**{k: v[k] for k in v if k in TrainConfig.__dataclass_fields__})
+    return {"compile": t.compile, "mode": t.compile_mode, "activation": v["activation"],
+            "fp32_logits": v["fp32_logits"], "inductor": v["inductor"], "sdpa": t.sdpa, "fp8": t.fp8,
+            "fp8_scaling": t.fp8_scaling, "bf16_residual": t.bf16_residual, "config": v["model_size"],
+            "batch": t.batch_size}
+
+
 def build_trainer(name: str, shard_dir, val_dir=None, **train_overrides):
-    """The variant's Trainer (and its settings and model config), as timed here, profiled by train_profile.py
-    and trained on real text by train_quality.py (which passes validation shards and a schedule)."""
+    """The variant's Trainer (and its settings, in the records' names, and model config), as timed here,
+    profiled by train_profile.py and trained on real text by train_quality.py (which passes validation
+    shards and a schedule)."""
     import torch
+    from gmlib import config
     from gmlib.data import TokenShards, WindowSampler
-    from gmlib.model import GPT, make_config
+    from gmlib.model import GPT, GPTConfig, make_config
     from gmlib.train import VAL_SEED, Trainer, TrainConfig
 
-    v = {**BASE, **VARIANTS[name]}
-    if v["sdpa"] == "cudnn":  # only cuDNN (or the slow math fallback, which would show) may serve SDPA
-        torch.backends.cuda.enable_flash_sdp(False)
-        torch.backends.cuda.enable_mem_efficient_sdp(False)
-        torch.backends.cuda.enable_cudnn_sdp(True)
-    for k, val in v["inductor"].items():
+    flat = settings(name)
+    for k, val in flat["inductor"].items():
         import torch._inductor.config as ic
         setattr(ic, k, val)
-    heads = {"n_head": v["n_head"]} if v["n_head"] else {}
-    cfg = make_config(v["config"], vocab_size=VOCAB, seq_len=v["seq_len"], activation=v["activation"], **heads)
-    settings = dict(max_steps=10**9, batch_size=v["batch"], compile=v["compile"], compile_mode=v["mode"],
-                    eval_every=0, log_every=10**9, warmup_steps=10, device="auto", fp8=v["fp8"],
-                    fp8_scaling=v["fp8_scaling"], bf16_residual=v["bf16_residual"])
-    tc = TrainConfig(**{**settings, **train_overrides})
+    cfg = make_config(flat["model_size"], vocab_size=VOCAB, **config.fields(flat, GPTConfig))
+    run = dict(max_steps=10**9, eval_every=0, log_every=10**9, warmup_steps=10, device="auto")
+    tc = TrainConfig(**{**config.fields(flat, TrainConfig), **run, **train_overrides})  # sdpa: Trainer sets it
+    v = record_settings(flat)
     torch.manual_seed(0)
     val = WindowSampler(TokenShards(val_dir), cfg.seq_len, v["batch"], seed=VAL_SEED) if val_dir else None
     tr = Trainer(GPT(cfg), tc, WindowSampler(TokenShards(shard_dir), cfg.seq_len, v["batch"]), val)
@@ -223,7 +234,7 @@ def main(argv=None):
         return
     if args.list:
         for k, v in VARIANTS.items():
-            print(f"{k:22s} {({**BASE, **v})}")
+            print(f"{k:22s} {settings(k)}")
         return
     names = args.variants or SUITES[args.suite]
     unknown = [n for n in names if n not in VARIANTS]

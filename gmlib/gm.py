@@ -57,10 +57,10 @@ from .store import ExpertStore
 from .train import TrainConfig, branch_path, branch_step, resolve_device, stable_until
 
 # settings a rerun into the same out_dir may change: they do not change what any expert learns
-# (each expert's run is independent of the order of segments; compile and group_size change only
-# the rounding); every other setting must stay
-FREE = {"device", "gpu_bytes", "ram_bytes", "segment_steps", "group_size", "compile", "compile_mode", "eval_every",
-        "log_every", "ckpt_every"}
+# (each expert's run is independent of the order of segments; compile, sdpa and group_size change
+# only the rounding); every other setting must stay
+FREE = {"device", "gpu_bytes", "ram_bytes", "segment_steps", "group_size", "compile", "compile_mode", "sdpa",
+        "eval_every", "log_every", "ckpt_every"}
 
 
 @dataclass
@@ -113,14 +113,17 @@ class GMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GMConfig":
-        """From a nested dict (as to_dict) or a flat one where TrainConfig fields sit beside ours."""
-        d, own, tfields = dict(d), {f.name for f in fields(cls)}, {f.name for f in fields(TrainConfig)}
+        """From a nested dict (as to_dict) or a flat one (the params dialect of notebook 04 and
+        scripts/train_gm.py) where TrainConfig and GPTConfig fields sit beside ours."""
+        d, own = dict(d), {f.name for f in fields(cls)}
+        tfields, mfields = {f.name for f in fields(TrainConfig)}, {f.name for f in fields(GPTConfig)}
         train = d.pop("train", {})
         train = asdict(train) if isinstance(train, TrainConfig) else dict(train)
         train.update({k: d.pop(k) for k in list(d) if k not in own and k in tfields})
+        model = {**d.pop("model", {}), **{k: d.pop(k) for k in list(d) if k not in own and k in mfields}}
         if bad := sorted(set(d) - own):
-            raise ValueError(f"unknown gm settings {bad}; known: {sorted(own | tfields)}")
-        return cls(**d, train=TrainConfig(**train))
+            raise ValueError(f"unknown gm settings {bad}; known: {sorted(own | tfields | mfields)}")
+        return cls(**d, model=model, train=TrainConfig(**train))
 
     def to_dict(self) -> dict:
         return asdict(self)

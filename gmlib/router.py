@@ -33,7 +33,7 @@ from .features import (Features, FlyHash, csr_group_sums, csr_matmul, csr_row, d
 @dataclass
 class RouterConfig:
     kind: str = "local"            # local | random | kmeans
-    n_experts: int = 8
+    n_experts: int | None = None   # the gm's (GMConfig.n_experts), set by make_router; None: features only
     vocab_size: int = 32000
     seed: int = 0
     # features: hashed tf-idf of token ids
@@ -64,7 +64,7 @@ class RouterConfig:
             raise ValueError(f"unknown router kind {self.kind!r}; expected local, random or kmeans")
         if self.balance not in ("tokens", "docs"):
             raise ValueError(f"balance must be 'tokens' or 'docs', got {self.balance!r}")
-        if self.n_experts < 1:
+        if self.n_experts is not None and self.n_experts < 1:
             raise ValueError(f"n_experts must be >= 1, got {self.n_experts}")
         if not 0 < self.wta_k <= self.n_units:
             raise ValueError(f"wta_k must be in [1, n_units={self.n_units}], got {self.wta_k}")
@@ -77,6 +77,9 @@ class Router:
     arrays: tuple = ()  # names of the numpy arrays that make up the learned state
 
     def __init__(self, cfg: RouterConfig):
+        if cfg.n_experts is None:
+            raise ValueError("RouterConfig.n_experts is unset: a router takes the gm's "
+                             "(make_router(kind, n_experts, ...))")
         self.cfg = cfg
         self.n_experts = cfg.n_experts
 

@@ -19,7 +19,8 @@ import torch
 from . import fp8
 
 # TrainConfig fields the machinery is built from: equal for every run that borrows one TrainStep
-MACHINE = ("device", "compile", "compile_mode", "fp8", "fp8_scaling", "bf16_residual", "weight_decay", "betas")
+MACHINE = ("device", "compile", "compile_mode", "fp8", "fp8_scaling", "bf16_residual", "sdpa", "weight_decay",
+           "betas")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -60,6 +61,10 @@ class TrainStep:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # any fp32 matmul left outside autocast
             torch.backends.cudnn.allow_tf32 = True
+            if cfg.sdpa == "cudnn":  # only cuDNN (or the slow math fallback, which would show) may serve SDPA
+                torch.backends.cuda.enable_flash_sdp(False)
+                torch.backends.cuda.enable_mem_efficient_sdp(False)
+                torch.backends.cuda.enable_cudnn_sdp(True)
         self.model = fp8.convert(model.to(self.device), cfg.fp8, cfg.fp8_scaling)
         if cfg.bf16_residual and self.device.type == "cuda":
             self.model.residual_dtype = torch.bfloat16

@@ -36,6 +36,7 @@ from .schedule import SCHEDULES, branch_path, branch_step, lr_at, stable_until  
 from .step import TrainStep, make_optimizer, resolve_device  # noqa: F401  (train's API)
 
 VAL_SEED = 12345  # validation batches are the same whatever the training seed
+SDPA = (None, "cudnn")  # attention backends: torch's choice, or cuDNN only (gmlib.step applies it)
 
 
 @dataclass
@@ -63,6 +64,8 @@ class TrainConfig:
     fp8: str = ""                      # FP8 training matmuls (gmlib.fp8): "" none, "head" or "all"
     fp8_scaling: str = "tensor"        # FP8 scales per "tensor" or per "row" (gmlib.fp8)
     bf16_residual: bool = False        # on CUDA, carry the residual stream in bf16, not fp32 (half its traffic)
+    sdpa: str | None = None            # attention kernel on CUDA: None torch's choice, "cudnn" cuDNN's fused attention
+    #                                    only (bench/train_speed.py: +0.9% at 124m); process-wide torch flags
     device: str = "auto"               # "auto": cuda if available, else cpu
     seed: int = 0                      # model init (setup()) and training data order
 
@@ -81,6 +84,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: fp8={self.fp8!r}; choose one of {fp8.CHOICES}")
         if self.fp8_scaling not in fp8.SCALINGS:
             raise ValueError(f"TrainConfig: fp8_scaling={self.fp8_scaling!r}; choose one of {fp8.SCALINGS}")
+        if self.sdpa not in SDPA:
+            raise ValueError(f"TrainConfig: sdpa={self.sdpa!r}; choose one of {SDPA}")
 
 
 HISTORY = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "val_step", "val_loss")

@@ -19,8 +19,6 @@ the environment variable GM_RUNNER_PID). papermill starts each kernel in a sessi
 so a signal to the runner's process group would not reach it.
 """
 import argparse
-import ast
-import json
 import os
 import signal
 import sys
@@ -32,6 +30,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from gmlib import config  # noqa: E402
 from gmlib.paths import results_dir  # noqa: E402  (honours GM_RESULTS_DIR, as the notebooks do)
 
 
@@ -46,13 +45,11 @@ def read_yaml(path: Path) -> dict:
 
 
 def declared_params(nb: Path) -> set[str]:
-    """The names assigned in the notebook's cell tagged `parameters` (read, not run)."""
-    cells = [c for c in json.loads(nb.read_text())["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
-    if len(cells) != 1:
-        sys.exit(f"{nb}: {len(cells)} cells tagged 'parameters', expected exactly one")
-    tree = ast.parse("".join(cells[0]["source"]))
-    return {t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
-            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)}
+    """The names assigned in the notebook's cell tagged `parameters` (read, not run: gmlib.config)."""
+    try:
+        return set(config.declared(nb))
+    except ValueError as e:
+        sys.exit(str(e))
 
 
 def check_shared(notebooks: list[Path], shared: dict, where: str, all_notebooks: list[Path]):

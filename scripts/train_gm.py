@@ -1,13 +1,19 @@
 """Train a gm (many experts) from the command line; one process, or one per GPU through torchrun.
 
-  python scripts/train_gm.py --config params/gm/train_gm.yaml --data work/data/shards --out work/data/gm/gm
-  torchrun --standalone --nproc_per_node=2 scripts/train_gm.py --config ... --data ... --out ...
+  python scripts/train_gm.py --config params/gm124m/04_train_gm.yaml   # the gm notebook 04 trains from it
+  torchrun --standalone --nproc_per_node=2 scripts/train_gm.py --config ... [--data ...] [--out ...]
   ... -s n_experts=16 -s lr=1e-3                   # override any setting (YAML values)
 
-The config is a YAML of gmlib.gm.GMConfig fields, with TrainConfig fields (lr, batch_size, ...)
-beside them. Each rank trains the experts e with e % world_size == rank on its own GPU (LOCAL_RANK);
-rank 0 fits the router and routes first, and writes <out>/gm.json at the end. Rerunning the same
-command continues a killed run.
+The config is a params file of notebook 04 (one flat dialect, gmlib.config): GMConfig fields with
+TrainConfig (lr, batch_size, ...) and GPTConfig (activation, seq_len, ...) fields beside them, a
+`preset` of gmlib.config.PRESETS, and the notebook's run names: --data defaults to
+work/<data_name>/shards, --out to work/<run_name>/gm/<gm_name>, and seed_from names a model of
+work/<run_name>/models/ (a folder when the file has no run_name). A setting the file leaves out takes
+the dataclass's default, not the notebook cell's demo value; the notebook's other settings
+(compare_routers, reuse_routing, resume, cpu_threads) do not apply here. GMConfig's nested form
+(model: {...}, train: {...}) is read too. Each rank trains the experts e with e % world_size == rank
+on its own GPU (LOCAL_RANK); rank 0 fits the router and routes first, and writes <out>/gm.json at the
+end. Rerunning the same command continues a killed run.
 """
 import argparse
 import json
@@ -22,7 +28,28 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a clone without installing
 
-from gmlib import gm  # noqa: E402
+from gmlib import config, gm  # noqa: E402
+from gmlib.model import GPTConfig  # noqa: E402
+from gmlib.paths import work_dir  # noqa: E402
+from gmlib.train import TrainConfig  # noqa: E402
+
+CONFIGS = (gm.GMConfig, TrainConfig, GPTConfig)
+
+
+def read_config(path: Path, sets: list[str]) -> tuple[gm.GMConfig, dict]:
+    """The GMConfig of a params file (and KEY=VALUE overrides), and the run's default data and out folders."""
+    settings = yaml.safe_load(Path(path).read_text()) or {}
+    for kv in sets:
+        k, _, v = kv.partition("=")
+        settings[k] = yaml.safe_load(v)
+    settings = config.check(settings, "04_train_gm", *CONFIGS, all_fields=True)
+    run = {"data": work_dir(settings["data_name"]) / "shards" if settings.get("data_name") else None,
+           "out": work_dir(settings["run_name"]) / "gm" / settings["gm_name"]
+           if settings.get("run_name") and settings.get("gm_name") else None}
+    flat = config.fields(settings, *CONFIGS)
+    if flat.get("seed_from") and settings.get("run_name"):
+        flat["seed_from"] = str(work_dir(settings["run_name"]) / "models" / flat["seed_from"])
+    return gm.GMConfig.from_dict(flat), run
 
 
 def init_distributed() -> tuple[int, int]:
@@ -37,17 +64,17 @@ def init_distributed() -> tuple[int, int]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", type=Path, required=True, help="YAML of GMConfig (and TrainConfig) fields")
-    ap.add_argument("--data", type=Path, required=True, help="a shards folder with train/ and val/")
-    ap.add_argument("--out", type=Path, required=True, help="the gm's folder (router, routed shards, store, gm.json)")
+    ap.add_argument("--config", type=Path, required=True, help="a params file of notebook 04 (flat YAML)")
+    ap.add_argument("--data", type=Path, help="a shards folder with train/ and val/ (default: work/<data_name>/shards)")
+    ap.add_argument("--out", type=Path, help="the gm's folder: router, routed shards, store, gm.json "
+                                             "(default: work/<run_name>/gm/<gm_name>)")
     ap.add_argument("-s", "--set", nargs=1, action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("-q", "--quiet", action="store_true", help="no line per segment")
     args = ap.parse_args(argv)
-    settings = yaml.safe_load(args.config.read_text()) or {}
-    for (kv,) in args.set:
-        k, _, v = kv.partition("=")
-        settings[k] = yaml.safe_load(v)
-    cfg = gm.GMConfig.from_dict(settings)
+    cfg, run = read_config(args.config, [kv for (kv,) in args.set])
+    args.data, args.out = args.data or run["data"], args.out or run["out"]
+    if args.data is None or args.out is None:
+        ap.error("give --data and --out, or data_name, run_name and gm_name in the config")
     rank, world = init_distributed()
     try:
         out = gm.train_gm(cfg, args.data, args.out, rank=rank, world_size=world, verbose=not args.quiet)
