@@ -6,6 +6,8 @@ VENV := .venv/.installed
 export IPYTHONDIR := $(CURDIR)/.cache/ipython
 export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 export JUPYTER_CONFIG_DIR := $(CURDIR)/.cache/jupyter
+# and its data (kernel specs): a python3 kernel spec in the user's home cannot replace the project's interpreter
+export JUPYTER_DATA_DIR := $(CURDIR)/.cache/jupyter-data
 export PYTHONUNBUFFERED := 1
 
 .PHONY: demo test test-fast lab clean-demo
@@ -32,9 +34,10 @@ test: $(VENV)
 test-fast: $(VENV)
 	$(PY) -m pytest -q -x tests
 
+# --allow-root: containers often run as root, where Jupyter refuses to start without it; LAB_ARGS for more
+# (tests/test_lab.py starts it headless: --no-browser, a port and a token)
 lab: $(VENV)
-	$(PY) -m pip install -q jupyterlab
-	$(PY) -m jupyter lab notebooks
+	$(PY) -m jupyter lab --allow-root $(LAB_ARGS) notebooks
 
 clean-demo:
 	rm -rf work/demo results/demo
