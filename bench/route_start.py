@@ -11,7 +11,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from gmlib import evaluate, gm
+from gmlib import evaluate, serve
 
 
 def main(argv=None):
@@ -24,7 +24,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     sp = spm.SentencePieceProcessor(model_file=str(args.work / "tokenizer.model"))
     docs = evaluate.docs_from_shards(args.work / "shards" / "test", sp, max_docs=args.docs)
-    load = gm.mixture_loader(args.work / "gm")
+    load = serve.mixture_loader(args.work / "gm")
     nbytes = sum(d.nbytes for d in docs)
     for k in (1, 2):
         for rf in args.route_from:

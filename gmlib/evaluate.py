@@ -517,7 +517,7 @@ def _load_mixture(spec: dict, device):
     paths = list(spec["experts"])
     cfg = MixtureConfig.from_spec(spec)
 
-    @lru_cache(maxsize=len(paths) if cfg.pool == "log-linear" else cfg.k)  # log-linear holds every expert
+    @lru_cache(maxsize=cfg.experts_held(len(paths)))  # log-linear holds every expert
     def load_expert(e):
         return load_model(paths[e], device=device)
 
@@ -527,23 +527,24 @@ def _load_mixture(spec: dict, device):
     return lm
 
 
-# kind -> loader(spec, device); gm's trainer registers its own kind ("gm") here.
+# kind -> loader(spec, device): the kinds every evaluation knows
 LOADERS = {"dense": _load_dense, "mixture": _load_mixture}
 
 
-def load_models(specs: list[dict], device="cpu") -> dict:
+def load_models(specs: list[dict], device="cpu", loaders: dict | None = None) -> dict:
     """{name: model with the gmlib.mixture interface} from specs such as
        {"name": "dense-30m", "kind": "dense", "path": ".../checkpoint.safetensors"}
        {"name": "ens-k2", "kind": "mixture", "experts": [paths], "k": 2, "eta": 1.0}
+    loaders adds kinds to LOADERS for this call, e.g. {"gm": gmlib.serve.mixture_loader(gm_root)}.
     Each model carries params_total, params_active and train_gpu_seconds (None if unknown)."""
-    out = {}
+    out, known = {}, {**LOADERS, **(loaders or {})}
     for spec in specs:
         kind, name = spec.get("kind", "dense"), spec.get("name")
         if not name or name in out:
             raise ValueError(f"model spec {spec}: needs a unique 'name'")
-        if kind not in LOADERS:
-            raise ValueError(f"model spec {name!r}: unknown kind {kind!r}; known: {sorted(LOADERS)}")
-        out[name] = LOADERS[kind](spec, device)
+        if kind not in known:
+            raise ValueError(f"model spec {name!r}: unknown kind {kind!r}; known: {sorted(known)}")
+        out[name] = known[kind](spec, device)
     return out
 
 

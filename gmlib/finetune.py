@@ -191,22 +191,21 @@ def dense_arm(model) -> Arm:
 
 
 def gm_arm(gm, train_docs: list[EvalDoc], top_k: int = 1, eval_k: int | None = None, name: str = "gm") -> Arm:
-    """gm = (router, load_expert, info) of gmlib.gm.load_gm. The router's votes on the training
-    reviews pick the experts to fine-tune and give the mixture its task prior."""
-    router, load_expert, info = gm
-    E = info["n_experts"]
+    """gm: a gmlib.serve.LoadedGM. The router's votes on the training reviews pick the experts to
+    fine-tune and give the mixture its task prior."""
+    E = gm.n_experts
     # the score that assigned the training documents (balancing bias included), as the mixture's prior
-    scores = np.asarray(router.prefix_scores([d.tokens for d in train_docs]))
+    scores = np.asarray(gm.router.prefix_scores([d.tokens for d in train_docs]))
     votes = np.bincount(scores.argmax(1), minlength=E)
     prior = (votes + 0.5) / (votes.sum() + 0.5 * E)
     chosen = [int(e) for e in np.argsort(-prior, kind="stable")[:top_k]]
     mc = MixtureConfig(k=min(E, eval_k or top_k), reroute_every=0)  # no router: the task prior throughout
 
     def make_lm(tuned):
-        return MixtureLM(lambda e: tuned[e] if e in tuned else load_expert(e), E, None, mc, base_prior=prior,
-                         expert_n_params=info["params_per_expert"])
-    return Arm(name, {e: copy.deepcopy(load_expert(e)) for e in chosen}, make_lm,
-               {"experts": [info["experts"][e] for e in chosen], "votes": votes.tolist(), "prior": prior.tolist()})
+        return MixtureLM(lambda e: tuned[e] if e in tuned else gm.expert(e), E, None, mc, base_prior=prior,
+                         expert_n_params=gm.params_per_expert)
+    return Arm(name, {e: copy.deepcopy(gm.expert(e)) for e in chosen}, make_lm,
+               {"experts": [gm.experts[e] for e in chosen], "votes": votes.tolist(), "prior": prior.tolist()})
 
 
 def slice_bpb(lm, docs: list[EvalDoc]) -> float:
@@ -266,17 +265,15 @@ def finetune(arm: Arm, shards: TokenShards, val_docs, cfg: FinetuneConfig, lr: f
 
 def save_experts(gm, tuned: dict, tag: str, meta: dict) -> list[str]:
     """Put fine-tuned experts into the gm's store as new experts <expert>.ft-<tag> (weights
-    only); refuses a name that is a pre-trained expert's."""
-    _, _, info = gm
+    only); refuses a name that is a pre-trained expert's. gm: a gmlib.serve.LoadedGM."""
     names = []
     for e, m in tuned.items():
-        name = f"{info['experts'][e]}.ft-{tag}"
-        if name in info["experts"]:
+        name = f"{gm.experts[e]}.ft-{tag}"
+        if name in gm.experts:
             raise ValueError(f"{name}: would overwrite a pre-trained expert")
-        info["store"].put(name, state_tensors(m), {"base": info["experts"][e], **meta}, keep_optimizer=False,
-                          durable=True)
+        gm.store.put(name, state_tensors(m), {"base": gm.experts[e], **meta}, keep_optimizer=False, durable=True)
         names.append(name)
-    info["store"].flush()
+    gm.store.flush()
     return names
 
 
@@ -301,8 +298,8 @@ def fit_point(arm: Arm, train_docs, val_docs, held_docs, cfg: FinetuneConfig, se
 
 def learning_curve(dense, gm, pool, heldout, tokenizer, cfg: FinetuneConfig, sizes_kb, seeds, curve_kb=None,
                    n_boot: int = 1000, save: str = "largest", log=print):
-    """Every (model, subset, seed) point. dense: a GPT or None; gm: load_gm's (router,
-    load_expert, info) or None. save: which fine-tuned gm experts go to the store (all, largest,
+    """Every (model, subset, seed) point. dense: a GPT or None; gm: a gmlib.serve.LoadedGM or
+    None. save: which fine-tuned gm experts go to the store (all, largest,
     none). Returns (points, steps curve of curve_kb at the first seed, {model: fine-tuned LM of
     the largest subset, first seed}). Rows with subset_kb 0 are the models before fine-tuning
     (gm with the smallest subset's task prior)."""

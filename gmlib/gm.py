@@ -36,7 +36,6 @@ import math
 import os
 import time
 import warnings
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -581,89 +580,3 @@ def summarize(cfg, mcfg, out: Path, world_size, plan: dict, seed_meta: dict | No
             "experts": [r["name"] for r in records], "world_size": world_size, "shares": [float(s) for s in shares],
             "val_loss": [r["val_loss"] for r in records], "records": records, "accounting": acct,
             "swap": swap, "ranks": ranks}
-
-
-# ---------------------------------------------------------------- the evaluation side
-
-def load_gm(out_dir, device="cpu", gpu_bytes: int | None = None, ram_bytes: int | None = None, pool: int = 2):
-    """(router, load_expert, info) for gmlib.mixture. load_expert(e) returns expert e as a GPT in
-    eval mode; the weights come through the store's tiers (GPU LRU of gpu_bytes, RAM LRU of
-    ram_bytes, disk) into a pool of `pool` GPT modules, the least recently used one reused:
-    use pool >= k when generating with a top-k mixture, since the k experts are used together."""
-    out = Path(out_dir)
-    if not (out / "gm.json").is_file():
-        raise FileNotFoundError(f"{out}: no gm.json, so not a finished gm (run train_gm)")
-    info = json.loads((out / "gm.json").read_text())
-    router = load_router(out / info["router_path"])
-    mcfg, device = GPTConfig(**info["model_config"]), torch.device(device)
-    one = _state_bytes(mcfg) // 3 + 256  # weights only, the way finished experts are stored
-    store = ExpertStore(out / "store", ram_bytes or 4 * one, gpu_bytes or 2 * one, device)
-    models = OrderedDict()
-
-    def load_expert(e: int) -> GPT:
-        if e in models:
-            models.move_to_end(e)
-            return models[e]
-        # the store's buffers outlive this call: never let them become inference tensors (a first load
-        # inside torch.inference_mode, as log-linear pooling makes, would break every later copy)
-        with torch.inference_mode(False), torch.no_grad():
-            m = models.popitem(last=False)[1] if len(models) >= pool else GPT(mcfg).to(device)
-            tensors, _ = store.get(info["experts"][e])
-            load_state_tensors(m, None, {k: v for k, v in tensors.items() if k.startswith("model.")})
-        models[e] = m.eval()
-        return models[e]
-
-    info.update(store=store, params_per_expert=mcfg.n_params)
-    return router, load_expert, info
-
-
-def load_seed(out_dir, device="cpu") -> tuple[GPT, dict]:
-    """The BTM seed run of the gm in out_dir (the store entry SEED) as a GPT in eval mode, and its
-    accounting (gm.json's accounting["seed_run"]). A gm trained without a seed is an error."""
-    out = Path(out_dir)
-    info = json.loads((out / "gm.json").read_text())
-    acct = info["accounting"].get("seed_run")
-    if not acct or not (out / "experts" / f"{SEED}.json").is_file():
-        raise FileNotFoundError(f"{out}: this gm has no seed run (seed_fraction and seed_steps were 0)")
-    store = ExpertStore(out / "store", 4 * _state_bytes(GPTConfig(**info["model_config"])), 0, torch.device("cpu"))
-    model = GPT(GPTConfig(**info["model_config"]))
-    load_state_tensors(model, None, {k: v for k, v in store.read(SEED)[0].items() if k.startswith("model.")})
-    store.close()
-    return model.to(device).eval(), acct
-
-
-def mixture_loader(gm_root):
-    """A gmlib.evaluate loader for specs {"kind": "gm", "run": <name under gm_root>, "k", "eta", ...}:
-    evaluate.LOADERS["gm"] = gm.mixture_loader(work_dir(run_name) / "gm").
-    A spec with "expert": e gives that expert alone (a SingleLM, charged its own training seconds);
-    one with "seed": True the seed run alone (charged the seed run's seconds). Mixtures of one gm share
-    a remembered router, and with "share_passes": True their experts' passes over the documents
-    (worth it when k up to n_experts is scored: each expert then reads every document once, in full)."""
-    memos, passes = {}, {}  # per gm: a remembered router, and with share_passes its experts' passes
-
-    def load(spec: dict, device):
-        from .mixture import MixtureConfig, MixtureLM, ScoreMemo, SingleLM
-        if spec.get("seed"):
-            model, acct = load_seed(Path(gm_root) / spec["run"], device)
-            lm = SingleLM(model)
-            lm.train_gpu_seconds = acct["gpu_seconds"]
-            return lm
-        if "expert" in spec:
-            _, load_expert, info = load_gm(Path(gm_root) / spec["run"], device, pool=1)
-            lm = SingleLM(load_expert(spec["expert"]))
-            lm.train_gpu_seconds = info["records"][spec["expert"]]["accounting"]["gpu_seconds"]
-            info["store"].close()
-            return lm
-        mc = MixtureConfig.from_spec(spec)
-        n = json.loads((Path(gm_root) / spec["run"] / "gm.json").read_text())["n_experts"]
-        # log-linear pooling uses every weighted expert on each window batch: keep them all
-        router, load_expert, info = load_gm(Path(gm_root) / spec["run"], device,
-                                            pool=n if mc.pool == "log-linear" else max(2, mc.k))
-        router = memos.setdefault(spec["run"], ScoreMemo(router))
-        shared = passes.setdefault(spec["run"], {}) if spec.get("share_passes") else None
-        lm = MixtureLM(load_expert, info["n_experts"], router, mc, expert_n_params=info["params_per_expert"],
-                       passes=shared)
-        lm.train_gpu_seconds = info["accounting"]["gpu_seconds"]
-        return lm
-    return load
-

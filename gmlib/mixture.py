@@ -272,6 +272,11 @@ class MixtureConfig:
         """The fields of a model spec (gmlib.evaluate.load_models) that are ours; the rest is not."""
         return cls(**{f.name: spec[f.name] for f in fields(cls) if f.name in spec})
 
+    def experts_held(self, n_experts: int, at_least: int = 1) -> int:
+        """Experts a loader keeps in memory for this mixture: the k it uses together, every one of
+        the n_experts under log-linear pooling (which weighs them all on each window batch)."""
+        return n_experts if self.pool == "log-linear" else max(at_least, self.k)
+
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)

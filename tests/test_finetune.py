@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from gmlib import finetune as ft
 from gmlib import gm as gmmod
+from gmlib import serve
 from gmlib.mixture import SingleLM
 from gmlib.paths import data_dir
 from gmlib.store import ExpertStore
@@ -141,11 +142,11 @@ def test_finetuning_lowers_heldout_loss_and_keeps_pretrained_experts(pretrained,
     dense, out = pretrained
     pool, held = ft.split_heldout(reviews, 0.1, max_heldout=60)
     before = file_hashes(out)
-    gm = gmmod.load_gm(out)
+    gm = serve.load_gm(out)
     cfg = ft.FinetuneConfig(steps=20, lrs=(3e-3, 1e-2), batch_size=8, seq_len=64, eval_every=10, warmup_steps=3)
     points, curve, final = ft.learning_curve(dense, gm, pool, held, sp, cfg, [3, 6], [0], curve_kb=6, n_boot=100,
                                              save="all", log=lambda *a: None)
-    gm[2]["store"].close()
+    gm.close()
 
     for model in ("dense", "gm"):
         p = points[points.model == model].set_index("subset_kb")

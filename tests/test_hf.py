@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gmlib import gm, hf
+from gmlib import gm, hf, serve
 from gmlib.mixture import MixtureConfig, SingleLM
 from gmlib.model import GPT, GPTConfig
 
@@ -134,7 +134,7 @@ def test_whole_gm_exports_and_scores_identically(tiny_shards, tiny_tokenizer_pat
     docs = [TokenShards(tiny_shards / "val").doc(i)[:90] for i in range(4)]
     for spec in [{"k": 2, "reroute_every": 32}, {"k": 1, "pool": "log-linear"}]:
         # the trained gm as 05_evaluate loads it, against the exported folder with the same settings
-        before = gm.mixture_loader(tmp_path)({"kind": "gm", "run": "gm", **spec}, "cpu").token_logprobs_many(docs)
+        before = serve.mixture_loader(tmp_path)({"kind": "gm", "run": "gm", **spec}, "cpu").token_logprobs_many(docs)
         after = hf.mixture_lm(out, **spec).token_logprobs_many(docs)
         assert all(np.array_equal(a, b) for a, b in zip(before, after))
     assert hf.mixture_lm(out).cfg == MixtureConfig(k=2, reroute_every=32)  # the stored settings
