@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gmlib import evaluate as ev
+from pipeline import records
 from gmlib.mixture import MixtureConfig, SingleLM, from_models
 from gmlib.model import GPT, GPTConfig
 from helpers import peaked_gpt
@@ -59,7 +60,7 @@ def test_macro_bpb_on_two_sources_equals_the_hand_computation():
     st = ev.source_table(dt, n_boot=200).set_index(["model", "source"])
     assert st.loc[("m", "a"), "bpb"] == pytest.approx(1.0) and st.loc[("m", "b"), "bpb"] == pytest.approx(2.0)
     assert st.loc[("m", "b"), "bpb_lo"] == st.loc[("m", "b"), "bpb_hi"] == pytest.approx(2.0)
-    rec = ev.metrics_record(q.reset_index(), {})
+    rec = records.metrics_record(q.reset_index(), {})
     assert rec["reference"] == "ref" and rec["models"]["m"]["bpb_macro_ci"] == [q.loc["m", "bpb_macro_lo"], q.loc["m", "bpb_macro_hi"]]
     assert rec["models"]["m"]["bpb_macro_delta"]["vs"] == "ref" and rec["models"]["m"]["max_doc_tokens"] is None
 

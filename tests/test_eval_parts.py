@@ -1,4 +1,4 @@
-"""gmlib.eval_parts: an evaluation run in parts merges into exactly what one run of all models gives,
+"""pipeline.eval_parts: an evaluation run in parts merges into exactly what one run of all models gives,
 and parts that do not share their reference or documents are refused with the file named."""
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gmlib import eval_parts
+from pipeline import eval_parts, records
 from gmlib import evaluate as ev
 from test_evaluate import TEXTS, CharTokenizer, UnigramLM, write_jsonl
 
@@ -38,7 +38,7 @@ def test_two_parts_merge_into_the_one_run_table(setup, tmp_path):
     merged = eval_parts.merge_quality(first, table(models, ["ref", "d", "c"], docs), tmp_path / "q.csv")
     assert list(merged["model"]) == ["ref", "b", "d", "c"]      # the reference first; c replaced, not doubled
     np.testing.assert_allclose(merged.set_index("model").loc[whole.index, NUMBERS], whole[NUMBERS], rtol=1e-12)
-    assert ev.metrics_record(merged, {})["models"]["d"]["bpb_delta"]["vs"] == "ref"
+    assert records.metrics_record(merged, {})["models"]["d"]["bpb_delta"]["vs"] == "ref"
 
 
 def test_parts_with_another_reference_or_other_documents_are_refused(setup, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gmlib import evaluate as ev
+from pipeline import records
 from gmlib.checkpoint import save_checkpoint
 from gmlib.data import ShardWriter
 from gmlib.mixture import SingleLM
@@ -227,7 +228,7 @@ def test_load_models_and_one_path_for_all(tmp_path):
     assert df["bpb_delta"][0] == 0 == df["bpb_delta_lo"][0] == df["bpb_delta_hi"][0]
     assert df["bpb_delta"][1] == pytest.approx(df["bpb"][1] - df["bpb"][0], rel=1e-9)
     assert df["bpb_delta_lo"][1] <= df["bpb_delta"][1] <= df["bpb_delta_hi"][1]
-    rec = ev.metrics_record(df, {"d0": {"connector": ev.parus_summary(
+    rec = records.metrics_record(df, {"d0": {"connector": ev.parus_summary(
         ev.score_parus(models["d0"], PARUS, tok, "connector"))}})
     assert set(rec["models"]) == set(models) and rec["models"]["d0"]["train_gpu_seconds"] == 10.0
     assert rec["models"]["mix-k2"]["bpb_ci"][0] <= rec["models"]["mix-k2"]["bpb"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import atomic
+from gmlib import atomic
 from .runlog import markdown_table
 
 # the article's Table 2 (held-out perplexity, its own test set) and Table 3 (PARus accuracy)
