@@ -5,8 +5,8 @@ gmlib.gm trains a gm into out_dir (gm.json, router/, store/); this module reads 
                   .close() or `with`, which releases the store
   load_gm         LoadedGM of a finished gm's folder
   load_seed       the BTM seed run alone, with its accounting
-  mixture_loader  a gmlib.evaluate loader of the kind "gm" (mixtures, single experts, the seed),
-                  passed to evaluate.load_models(..., loaders={"gm": ...})
+  mixture_loader  a gmlib.registry loader of the kind "gm" (mixtures, single experts, the seed),
+                  passed to registry.load_models(..., loaders={"gm": ...})
 """
 import json
 from collections import OrderedDict
@@ -16,7 +16,8 @@ import torch
 
 from .checkpoint import load_state_tensors
 from .gm import SEED, state_bytes
-from .mixture import MixtureConfig, MixtureLM, ScoreMemo, SingleLM
+from .lm import SingleLM
+from .mixture import MixtureConfig, MixtureLM, ScoreMemo
 from .model import GPT, GPTConfig
 from .router import load_router
 from .store import ExpertStore
@@ -104,8 +105,8 @@ def load_seed(out_dir, device="cpu") -> tuple[GPT, dict]:
 
 
 def mixture_loader(gm_root):
-    """A gmlib.evaluate loader for specs {"kind": "gm", "run": <name under gm_root>, "k", "eta", ...}:
-    evaluate.load_models(specs, device, loaders={"gm": mixture_loader(work_dir(run_name) / "gm")}).
+    """A gmlib.registry loader for specs {"kind": "gm", "run": <name under gm_root>, "k", "eta", ...}:
+    registry.load_models(specs, device, loaders={"gm": mixture_loader(work_dir(run_name) / "gm")}).
     A spec with "expert": e gives that expert alone (a SingleLM, charged its own training seconds);
     one with "seed": True the seed run alone (charged the seed run's seconds). Mixtures of one gm share
     a remembered router, and with "share_passes": True their experts' passes over the documents

@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import eval_parts, records
+from gmlib import eval_docs
 from gmlib import evaluate as ev
+from pipeline import eval_parts, records
 from test_evaluate import TEXTS, CharTokenizer, UnigramLM, write_jsonl
 
 NUMBERS = ["bpb", "bpb_lo", "bpb_hi", "bpb_delta", "bpb_delta_lo", "bpb_delta_hi", "ppl_token", "ppl_word", "n_bytes"]
@@ -16,7 +17,7 @@ NUMBERS = ["bpb", "bpb_lo", "bpb_hi", "bpb_delta", "bpb_delta_lo", "bpb_delta_hi
 @pytest.fixture
 def setup(tmp_path):
     tok = CharTokenizer(TEXTS)
-    docs = ev.docs_from_jsonl(write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in TEXTS * 3]), tok)
+    docs = eval_docs.docs_from_jsonl(write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in TEXTS * 3]), tok)
     rng = np.random.default_rng(0)
     models = {n: UnigramLM(np.log(rng.dirichlet(np.ones(tok.vocab_size())))) for n in ["ref", "b", "c", "d"]}
     return models, docs

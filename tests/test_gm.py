@@ -15,7 +15,8 @@ import yaml
 
 from gmlib import gm, serve
 from gmlib.data import ShardWriter, TokenShards
-from gmlib.mixture import MixtureConfig, MixtureLM, window_logprobs
+from gmlib.lm import window_logprobs
+from gmlib.mixture import MixtureConfig, MixtureLM
 from gmlib.paths import REPO_ROOT
 from gmlib.store import ExpertStore
 

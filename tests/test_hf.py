@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gmlib import gm, hf, serve
-from gmlib.mixture import MixtureConfig, SingleLM
+from gmlib.lm import SingleLM
+from gmlib.mixture import MixtureConfig
 from gmlib.model import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")
@@ -55,7 +56,7 @@ def test_kv_cache_and_greedy_generation_match(exported):
             theirs = ref(chunk, past_key_values=past, use_cache=True)
             past = theirs.past_key_values
             assert (ours - theirs.logits).abs().max().item() <= 1e-5
-    # gm's cached generation path (mixture._Stream) against transformers' generate with past_key_values
+    # gm's cached generation path (gmlib.lm.Stream) against transformers' generate with past_key_values
     prompt = [1] + ids[0, :8].tolist()
     ours = SingleLM(model).generate(prompt, max_new_tokens=24, temperature=0.0, stop_token=2)
     theirs = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
