@@ -129,7 +129,8 @@ class Stream:
 
 
 def generate_reference(streams: list[Stream], log_prior: np.ndarray, eta: float, prompt, max_new_tokens: int,
-              temperature: float, top_p: float, seed: int, stop_token: int | None, pool: str = "linear") -> list[int]:
+                       temperature: float, top_p: float, seed: int, stop_token: int | None,
+                       pool: str = "linear") -> list[int]:
     """Mixture generation; a single model is the case of one stream with log_prior [0]."""
     prompt = [int(t) for t in prompt]
     if not prompt:
@@ -203,6 +204,6 @@ class SingleLM:
             return decode.generate([self.model], prompts, None, 0.0, "linear", max_new_tokens, temperature, top_p,
                                    seed, stop_token)
         return [generate_reference([Stream(self.model, use_cache)], np.zeros(1), 0.0, p, max_new_tokens,
-                          temperature, top_p, seed, stop_token) for p in prompts]
+                                   temperature, top_p, seed, stop_token) for p in prompts]
 
 

@@ -356,8 +356,9 @@ class MixtureLM:
                 got = decode.generate(models, [prompts[i] for i in who], logp[np.ix_(who, active)], self.cfg.eta,
                                       self.cfg.pool, max_new_tokens, temperature, top_p, seed, stop_token)
             else:
-                got = [generate_reference([Stream(m, use_cache) for m in models], logp[i, list(active)], self.cfg.eta,
-                                 prompts[i], max_new_tokens, temperature, top_p, seed, stop_token, self.cfg.pool)
+                got = [generate_reference([Stream(m, use_cache) for m in models], logp[i, list(active)],
+                                          self.cfg.eta, prompts[i], max_new_tokens, temperature, top_p, seed,
+                                          stop_token, self.cfg.pool)
                        for i in who]
             for i, g in zip(who, got):
                 out[i] = g
