@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .data import TokenShards
-from .jsonl import read_jsonl
+from . import jsonl
 
 
 @dataclass
@@ -61,7 +61,7 @@ def docs_from_jsonl(path, tokenizer, clean_fn=None, max_docs: int | None = None,
     `clean_fn(record) -> cleaned text, or None to drop it` (the data pipeline's cleaner: the
     notebook passes data_prep's), then tokenized as the shards are: [bos] + encode(text)."""
     out, bos = [], tokenizer.bos_id()
-    for n, rec in read_jsonl(path):
+    for n, rec in jsonl.records(path):
         if not isinstance(rec.get("text"), str):
             raise ValueError(f"{path}:{n}: no \"text\" string field")
         text = clean_fn(rec) if clean_fn else rec["text"]

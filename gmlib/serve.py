@@ -8,6 +8,7 @@ gmlib.gm trains a gm into out_dir (gm.json, router/, store/); this module reads 
   mixture_loader  a gmlib.registry loader of the kind "gm" (mixtures, single experts, the seed),
                   passed to registry.load_models(..., loaders={"gm": ...})
 """
+import hashlib
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -72,6 +73,16 @@ class LoadedGM:
             load_state_tensors(m, None, {k: v for k, v in tensors.items() if k.startswith("model.")})
         models[e] = m.eval()
         return models[e]
+
+    def file_hashes(self) -> dict:
+        """{"<expert>/<file>": sha256} of every stored file of the trained experts (gm.json's list):
+        what a caller checks to show that they were only read (fine-tuning writes new experts beside them)."""
+        out = {}
+        for name in self.experts:
+            root = self.dir / "store" / name
+            out.update({f"{name}/{p.relative_to(root)}": hashlib.sha256(p.read_bytes()).hexdigest()
+                        for p in sorted(root.rglob("*")) if p.is_file()})
+        return out
 
     def close(self):
         self.store.close()

@@ -24,7 +24,7 @@ import pandas as pd
 from .eval_docs import EvalDoc
 from .evaluate import quality
 from .generation import generate_texts
-from .jsonl import read_jsonl
+from . import jsonl
 
 KB = 1000
 
@@ -36,7 +36,7 @@ def load_reviews(path, clean_fn=None) -> list[dict]:
     record without a "text" string is an error naming the file and line."""
     out = []
     try:
-        for n, rec in read_jsonl(path):
+        for n, rec in jsonl.records(path):
             if not isinstance(rec.get("text"), str):
                 raise ValueError(f"{path}:{n}: no \"text\" string field in the review")
             text = (clean_fn(rec["text"]) if clean_fn else rec["text"]) or ""
@@ -49,11 +49,16 @@ def load_reviews(path, clean_fn=None) -> list[dict]:
                         "category": str(rec.get("category") or "")})
     except FileNotFoundError:
         raise
-    except (OSError, EOFError, UnicodeDecodeError) as e:  # a truncated or mislabelled .gz, not UTF-8
+    except (OSError, EOFError, jsonl.NotUTF8) as e:  # a truncated or mislabelled .gz, not UTF-8
         raise ValueError(f"{path}: unreadable reviews file ({type(e).__name__}: {e})") from e
     if not out:
         raise ValueError(f"{path}: no review with text")
     return out
+
+
+def size_kb(reviews: list[dict]) -> float:
+    """KB of the reviews as documents (format_review's UTF-8 bytes / KB)."""
+    return sum(len(format_review(r).encode()) for r in reviews) / KB
 
 
 def review_prompt(rating: int | None, product: str = "") -> str:

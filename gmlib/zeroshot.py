@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from .jsonl import read_jsonl
+from . import jsonl
 
 PARUS_FIELDS = ("premise", "choice1", "choice2", "question", "label")
 CONNECTORS = {"cause": " потому что", "effect": ", поэтому"}
@@ -18,7 +18,7 @@ STYLES = ("connector", "mera")
 def load_parus(path) -> list[dict]:
     """PARus-format JSONL: {idx, premise, choice1, choice2, question: cause|effect, label: 0|1}."""
     items = []
-    for n, rec in read_jsonl(path):
+    for n, rec in jsonl.records(path):
         missing = [k for k in PARUS_FIELDS if k not in rec]
         if missing:
             raise ValueError(f"{path}:{n}: PARus record lacks {missing}")

@@ -5,4 +5,5 @@ measurements; this package records and schedules the runs that use them:
   eval_parts  an evaluation run in parts that merge
   report      the Results tables from the records (notebook 07)
   plan        a plan of notebook jobs over the machine's GPUs (scripts/run_experiment.py)
+  live        a training curve redrawn in the notebook while a model trains
 It imports gmlib; gmlib never imports it."""
