@@ -31,10 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gmlib import atomic, decode  # noqa: E402
-from gmlib.mixture import MixtureConfig, SingleLM, from_models  # noqa: E402
+from gmlib.lm import SingleLM  # noqa: E402
+from gmlib.mixture import MixtureConfig, from_models  # noqa: E402
 from gmlib.model import GPT, make_config  # noqa: E402
 from gmlib.paths import results_dir  # noqa: E402
-from gmlib.runlog import device_name, git_commit  # noqa: E402
+from pipeline.runlog import device_name, git_commit  # noqa: E402
 
 
 def timed(call, device, repeats):

@@ -213,7 +213,7 @@ def main(argv=None) -> list[dict]:
         sys.exit(f"--group {bad}: a group holds 2 .. experts ({args.experts}) experts")
     import torch
     from gmlib.model import make_config
-    from gmlib.runlog import device_name, git_commit
+    from pipeline.runlog import device_name, git_commit
     from gmlib.train import resolve_device
     args.device = resolve_device(args.device)
     cfg = make_config(args.config, vocab_size=args.vocab, **({"seq_len": args.seq_len} if args.seq_len else {}))

@@ -30,7 +30,7 @@ def compare(config: str, dtype_name: str, device: str, batch: int, seed: int = 0
     import transformers
     from gmlib import hf
     from gmlib.model import GPT, make_config
-    from gmlib.runlog import device_name, git_commit
+    from pipeline.runlog import device_name, git_commit
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     dtype = hf.DTYPES[dtype_name]

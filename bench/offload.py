@@ -45,7 +45,7 @@ from gmlib.clock import PARTS, WAIT
 from gmlib.data import ShardWriter, TokenShards
 from gmlib.model import make_config
 from gmlib.paths import work_dir
-from gmlib.runlog import device_name, git_commit
+from pipeline.runlog import device_name, git_commit
 from gmlib.train import TrainConfig
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from gmlib import evaluate, gm
+from gmlib import eval_docs, evaluate, serve
 
 
 def main(argv=None):
@@ -23,8 +23,8 @@ def main(argv=None):
     ap.add_argument("--reroute-every", type=int, default=256)
     args = ap.parse_args(argv)
     sp = spm.SentencePieceProcessor(model_file=str(args.work / "tokenizer.model"))
-    docs = evaluate.docs_from_shards(args.work / "shards" / "test", sp, max_docs=args.docs)
-    load = gm.mixture_loader(args.work / "gm")
+    docs = eval_docs.docs_from_shards(args.work / "shards" / "test", sp, max_docs=args.docs)
+    load = serve.mixture_loader(args.work / "gm")
     nbytes = sum(d.nbytes for d in docs)
     for k in (1, 2):
         for rf in args.route_from:

@@ -50,7 +50,7 @@ from gmlib.checkpoint import load_state_tensors, state_tensors  # noqa: E402
 from gmlib.data import TokenShards, WindowSampler  # noqa: E402
 from gmlib.model import GPT, make_config  # noqa: E402
 from gmlib.paths import work_dir  # noqa: E402
-from gmlib.runlog import device_name, git_commit  # noqa: E402
+from pipeline.runlog import device_name, git_commit  # noqa: E402
 from gmlib.store import ExpertStore, buffer_bytes  # noqa: E402
 from gmlib.train import Trainer, TrainConfig, make_optimizer  # noqa: E402
 from offload import log, parse, synthetic_shards  # noqa: E402  (bench/offload.py: the same command line and log lines)

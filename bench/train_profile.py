@@ -66,7 +66,7 @@ def summarize(events, device: bool, steps: int) -> dict:
 def profile(name: str, shard_dir, steps: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity
-    from gmlib.runlog import device_name, git_commit
+    from pipeline.runlog import device_name, git_commit
 
     tr, v, cfg = build_trainer(name, shard_dir)
     device = tr.device.type == "cuda"

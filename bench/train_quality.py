@@ -25,7 +25,7 @@ from train_speed import VARIANTS, build_trainer, merge, results_dir  # noqa: E40
 
 def train_one(name: str, shards: Path, steps: int, eval_every: int, eval_batches: int, lr: float) -> dict:
     import torch
-    from gmlib.runlog import device_name, git_commit
+    from pipeline.runlog import device_name, git_commit
     for split in ("train", "val"):
         if not (shards / split).is_dir():
             raise SystemExit(f"{shards / split}: no such shard folder (run notebook 01, or pass --shards)")

@@ -160,7 +160,7 @@ def build_trainer(name: str, shard_dir, val_dir=None, **train_overrides):
 def measure(name: str, shard_dir: str, seconds: float) -> dict:
     """Run in the child process: build, warm up, time; return one record."""
     import torch
-    from gmlib.runlog import device_name, git_commit
+    from pipeline.runlog import device_name, git_commit
 
     tr, v, cfg = build_trainer(name, shard_dir)
     cuda = tr.device.type == "cuda"
@@ -241,7 +241,7 @@ def main(argv=None):
     if unknown:
         sys.exit(f"unknown variant(s) {unknown}; see --list")
     import torch
-    from gmlib.runlog import device_name
+    from pipeline.runlog import device_name
     print(f"train_speed: {device_name()}, torch {torch.__version__}, variants {names}, budget {args.budget_s:.0f} s",
           flush=True)
     t_start = time.time()

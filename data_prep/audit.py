@@ -165,3 +165,37 @@ def plot(audit: dict):
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return fig
+
+
+def bytes_per_token_table(sh: dict) -> pd.DataFrame:
+    """Stage 02's per-source compression, from shards.tokenize_all's record: MB of cleaned text, tokens
+    and UTF-8 bytes per token over all splits."""
+    rows = []
+    for s in sh["train"]["per_source"]:
+        b = sum(sh[x]["per_source"][s]["bytes"] for x in sh)
+        t = sum(sh[x]["per_source"][s]["tokens"] for x in sh)
+        rows.append({"source": s, "mb": b / 1e6, "tokens": t, "bytes_per_token": b / t if t else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def bytes_per_token_plot(bpt: pd.DataFrame, overall: float, vocab_size: int):
+    """Bytes per token by source (bytes_per_token_table), the overall value as a dashed line."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 0.3 * len(bpt) + 1.5))
+    ax.barh(bpt["source"], bpt["bytes_per_token"], color="tab:blue")
+    ax.axvline(overall, color="k", ls="--", label=f"all: {overall:.2f}")
+    ax.set_xlabel("UTF-8 bytes per token")
+    ax.set_title(f"Tokenizer {vocab_size} pieces: bytes per token by source")
+    ax.invert_yaxis()
+    ax.legend()
+    return fig
+
+
+def segmentations(sp, docs, n_sources: int = 8, chars: int = 200) -> pd.DataFrame:
+    """How the tokenizer cuts the first `chars` characters of the first document of each of the
+    first n_sources sources among `docs` ({"source", "text"} records)."""
+    from .tokenizer import segment
+    examples = {}
+    for d in docs:
+        examples.setdefault(d["source"], d["text"][:chars])
+    return pd.DataFrame([{"source": s, "pieces": segment(sp, t)} for s, t in list(examples.items())[:n_sources]])

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gmlib import atomic, checks
+from gmlib import atomic, checks, jsonl
 from . import clean, dedup, residual, sources, split, stages
 from .clean import CleanConfig
 from .dedup import DedupConfig
@@ -122,6 +122,20 @@ def _filter_batch(task):
         else:
             out.append((rule, text[:EXAMPLE_CHARS], n_lines, 0, None))
     return out, time.process_time() - t0
+
+
+def cleaned_text(text: str, cfg: CleanConfig | None = None) -> str:
+    """clean.clean_text's cleaned text alone (06 cleans the reviews with it)."""
+    return clean.clean_text(text, cfg)[0]
+
+
+def clean_record(rec: dict, cfg: CleanConfig | None = None) -> str | None:
+    """The filter stage's rule for one corpus-format record ({"text", "source"}): its text cleaned
+    (clean.clean_text), or None when a rule drops it (clean.doc_filter, with the rules of its source's
+    role; "web" for a source not in the registry). 05_evaluate cleans an outside corpus with it."""
+    role = sources.SOURCES[rec["source"]].role if rec.get("source") in sources.SOURCES else "web"
+    text, _ = clean.clean_text(rec["text"], cfg)
+    return text if clean.doc_filter(text, role, cfg) is None else None
 
 
 def _limited(records, name, max_bytes):
@@ -247,16 +261,13 @@ def dedup_all(cfg: DataConfig, filtered: dict, out_dir: Path, log=print) -> dict
 # --- 3. split and mix -----------------------------------------------------------------------
 
 def _read_jsonl(path):
-    """Records of one of our own JSONL files; damage is an error naming the file and line."""
-    with open(path, "rb") as f:
-        for i, line in enumerate(f, 1):
-            try:
-                rec = json.loads(line.decode("utf-8"))
-            except ValueError as e:  # UnicodeDecodeError and JSONDecodeError both are
-                raise ValueError(f"{path}:{i}: damaged ({e}); delete it and rerun 01_data") from e
-            if not line.endswith(b"\n"):
-                raise ValueError(f"{path}:{i}: ends without a newline (truncated); delete it and rerun 01_data")
+    """Records of one of our own JSONL files; damage (bad UTF-8 or JSON, a blank line, a last line
+    cut short) is an error naming the file and line."""
+    try:
+        for _, rec in jsonl.records(path, skip_blank=False, need_newline=True):
             yield rec
+    except ValueError as e:  # jsonl.NotUTF8 is one too
+        raise ValueError(f"{e}; delete it and rerun 01_data") from e
 
 
 def split_all(cfg: DataConfig, filtered: dict, dd: dict, clean_dir: Path, log=print) -> dict:

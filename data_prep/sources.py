@@ -27,7 +27,7 @@ import zlib
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
-from gmlib import atomic
+from gmlib import atomic, jsonl
 from gmlib.paths import data_dir
 
 ROLES = ("web", "news", "wiki", "books", "social", "reviews")
@@ -168,7 +168,6 @@ class ReadStats:
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads turns pairs into one character: these are lone
-GZIP_MAGIC = b"\x1f\x8b"
 
 
 def iter_records(path, max_bytes: int | None = None, stats: ReadStats | None = None):
@@ -176,53 +175,49 @@ def iter_records(path, max_bytes: int | None = None, stats: ReadStats | None = N
     stopping once `max_bytes` of text have been yielded (the record crossing it is kept)."""
     path = Path(path)
     st = stats if stats is not None else ReadStats()
-    if not path.is_file():
-        raise SourceError(f"{path}: no such file")
-    gz = path.suffix == ".gz"
-    if gz:
-        with open(path, "rb") as f:
-            head = f.read(2)
-        if head and head != GZIP_MAGIC:  # judged up front, so a later gzip error is damage, not a wrong format
-            raise SourceError(f"{path}: not a gzip file (starts with {head!r}, not {GZIP_MAGIC!r})")
     try:
-        with (gzip.open if gz else open)(path, "rb") as f:
-            for raw in f:
-                st.lines += 1
-                if st.lines == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                    raw = raw[3:]  # a UTF-8 byte-order mark, as some editors write: not part of the record
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    line = raw.decode("utf-8", errors="replace")
-                    st.undecodable_lines += 1
-                    _note(st, f"{path}:{st.lines}: invalid UTF-8, replaced")
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    st.bad_json += 1
-                    _note(st, f"{path}:{st.lines}: not JSON ({e.msg})")
-                    continue
-                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                    st.no_text += 1
-                    _note(st, f"{path}:{st.lines}: no string 'text' field")
-                    continue
-                if any(isinstance(v, str) and _SURROGATE.search(v) for v in rec.values()):
-                    rec = {k: _SURROGATE.sub("\ufffd", v) if isinstance(v, str) else v for k, v in rec.items()}
-                    st.undecodable_lines += 1
-                    _note(st, f"{path}:{st.lines}: lone UTF-16 surrogate, replaced")
-                st.docs += 1
-                st.bytes += len(rec["text"].encode("utf-8"))
-                yield rec
-                if max_bytes is not None and st.bytes >= max_bytes:
-                    return
+        numbered = jsonl.lines(path)  # checked up front, so a later gzip error is damage, not a wrong format
+    except (FileNotFoundError, jsonl.NotGzip) as e:
+        raise SourceError(str(e)) from None
+    try:
+        for _, raw in numbered:
+            st.lines += 1
+            if st.lines == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark, as some editors write: not part of the record
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                line = raw.decode("utf-8", errors="replace")
+                st.undecodable_lines += 1
+                _note(st, f"{path}:{st.lines}: invalid UTF-8, replaced")
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                st.bad_json += 1
+                _note(st, f"{path}:{st.lines}: not JSON ({e.msg})")
+                continue
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                st.no_text += 1
+                _note(st, f"{path}:{st.lines}: no string 'text' field")
+                continue
+            if any(isinstance(v, str) and _SURROGATE.search(v) for v in rec.values()):
+                rec = {k: _SURROGATE.sub("\ufffd", v) if isinstance(v, str) else v for k, v in rec.items()}
+                st.undecodable_lines += 1
+                _note(st, f"{path}:{st.lines}: lone UTF-16 surrogate, replaced")
+            st.docs += 1
+            st.bytes += len(rec["text"].encode("utf-8"))
+            yield rec
+            if max_bytes is not None and st.bytes >= max_bytes:
+                return
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         # the gzip stream ended early, or its CRC / length check failed at the end: keep what
         # was read, count it (the header was checked above, so this is damage, not a wrong format)
         st.truncated = 1
         _note(st, f"{path}: truncated or corrupt gzip after {st.lines} lines ({e})")
     finally:
+        numbered.close()  # the file, also when the caller stops early
         if st.lines == 0 and not st.truncated:
             st.empty_file = 1
             _note(st, f"{path}: empty file (0 records)")

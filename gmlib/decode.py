@@ -1,7 +1,7 @@
 """Static decoding: one GPT, or the k experts of a mixture, generating for many prompts without Python
 in the token loop.
 
-Why. gmlib.mixture's reference generator feeds each model one token at a time through its modules, with a
+Why. gmlib.lm's reference generator feeds each model one token at a time through its modules, with a
 KV cache that grows, and moves every distribution to the host for the Hedge weights and the draw: batch-1
 decoding of a 124M model ran 144 tokens/s on an H100 and a k=2 mixture 75 (results/bench/infer_speed_h100.json),
 where the GPU work of one token is a few hundred microseconds. The time was kernel launches and host syncs.
@@ -25,7 +25,7 @@ How.
   re-reads them (an eager prefill of that row alone, written into the slots that end at t).
 Decoders are kept in a small LRU keyed by shape, so a graph is captured once per shape and pool; the
 weights are copied in at every call (a store's pool module may hold another expert by then).
-The reference generator stays in gmlib.mixture (engine="reference"); tests/test_decode.py holds the two to
+The reference generator stays in gmlib.lm (engine="reference"); tests/test_decode.py holds the two to
 the same tokens.
 """
 import warnings

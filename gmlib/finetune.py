@@ -1,13 +1,5 @@
-"""Few-shot fine-tuning on shop reviews: the learning curve of the article's Figure 3.
-
-Data. A review becomes one document, "Оценка: 4 из 5\\nТовар: <product>\\n<text>", so a generated
-review can be prompted with a star rating. The held-out set is fixed by a hash of the review's
-text (duplicated texts fall on the same side, so none is both trained on and scored). The rest,
-the pool, is shuffled by a seed and cut into NESTED training subsets: subset s is the shortest
-prefix of the shuffled pool holding at least s KB (1 KB = 1000 bytes of UTF-8 documents), so a
-larger subset contains every smaller one. Every `val_every`-th review of that order is the
-subset's validation slice (nested too); the learning rate and the stopping step are chosen on
-it, never on the held-out set.
+"""Few-shot fine-tuning on shop reviews: the learning curve of the article's Figure 3. The reviews, their
+nested subsets and held-out scores are gmlib.shop_reviews.
 
 Fine-tuning (both arms: the same steps, learning-rate grid, batch, schedule and stopping rule):
   dense  every weight of the pre-trained dense model;
@@ -18,14 +10,10 @@ Fine-tuning (both arms: the same steps, learning-rate grid, batch, schedule and 
          top eval_k of it, Hedge weights along each review.
 Training is gmlib.train's loop on random windows of the subset's token stream; every
 `eval_every` steps the validation slice's bits per byte is measured and the best state is kept.
-Held-out perplexity and bits per byte come from gmlib.evaluate.quality: the same computation as
-every other evaluation, over whole documents; the header is 40% of the bytes, so text_bpb also
-scores the review texts alone (header given, same log-probs). Fine-tuned experts are saved
-through the gm's expert store under NEW names (<expert>.ft-<tag>); the pre-trained experts'
-files are never written.
+Fine-tuned experts are saved through the gm's expert store under NEW names (<expert>.ft-<tag>);
+the pre-trained experts' files are never written.
 """
 import copy
-import hashlib
 import math
 import tempfile
 import time
@@ -37,118 +25,12 @@ import pandas as pd
 
 from .checkpoint import state_tensors
 from .data import ShardWriter, TokenShards, WindowSampler
-from .evaluate import EvalDoc, doc_nats, generate_texts, quality, read_jsonl
-from .mixture import MixtureConfig, MixtureLM, SingleLM
+from .eval_docs import EvalDoc
+from .evaluate import doc_nats
+from .lm import SingleLM
+from .mixture import MixtureConfig, MixtureLM
+from .shop_reviews import KB, encode, heldout_scores, nested_subsets
 from .train import TrainConfig, Trainer
-
-KB = 1000
-
-
-# ---------------------------------------------------------------------------------------------
-# reviews
-
-
-def load_reviews(path, clean_fn=None) -> list[dict]:
-    """{id, text, rating (1-5 or None), product, category} per review of a JSONL(.gz) file.
-    clean_fn(text) -> cleaned text (the notebook passes data_prep's cleaner); a review whose
-    text is empty after cleaning is skipped (the Wildberries dump has rating-only reviews), a
-    record without a "text" string is an error naming the file and line."""
-    out = []
-    try:
-        for n, rec in read_jsonl(path):
-            if not isinstance(rec.get("text"), str):
-                raise ValueError(f"{path}:{n}: no \"text\" string field in the review")
-            text = (clean_fn(rec["text"]) if clean_fn else rec["text"]) or ""
-            if not text.strip():
-                continue
-            rating = rec.get("rating")
-            out.append({"id": str(rec.get("id", f"line-{n}")), "text": text.strip(),
-                        "rating": int(rating) if isinstance(rating, (int, float)) and 1 <= rating <= 5 else None,
-                        "product": str(rec.get("product_name") or "").strip(),
-                        "category": str(rec.get("category") or "")})
-    except FileNotFoundError:
-        raise
-    except (OSError, EOFError, UnicodeDecodeError) as e:  # a truncated or mislabelled .gz, not UTF-8
-        raise ValueError(f"{path}: unreadable reviews file ({type(e).__name__}: {e})") from e
-    if not out:
-        raise ValueError(f"{path}: no review with text")
-    return out
-
-
-def review_prompt(rating: int | None, product: str = "") -> str:
-    """The header of a review document: what a generation is prompted with."""
-    head = ([f"Оценка: {rating} из 5"] if rating else []) + ([f"Товар: {product}"] if product else [])
-    return "".join(h + "\n" for h in head)
-
-
-def format_review(r: dict) -> str:
-    return review_prompt(r["rating"], r["product"]) + r["text"]
-
-
-def _unit(text: str, salt: str) -> float:
-    """A uniform number in [0, 1) from a salted hash: the same on every machine and run."""
-    return int.from_bytes(hashlib.sha1(f"{salt}\0{text}".encode()).digest()[:8], "big") / 2.0 ** 64
-
-
-def split_heldout(reviews: list[dict], frac: float = 0.1, max_heldout: int | None = None):
-    """(pool, heldout): a review is held out when the hash of its text is below frac. With
-    max_heldout, the held-out reviews of the smallest hashes (a fixed subsample)."""
-    h = np.array([_unit(r["text"], "reviews-heldout") for r in reviews])
-    held = np.flatnonzero(h < frac)
-    held = held[np.argsort(h[held], kind="stable")][:max_heldout]
-    pool = np.flatnonzero(h >= frac)
-    return [reviews[i] for i in pool], [reviews[i] for i in held]
-
-
-def nested_subsets(pool: list[dict], sizes_kb, seed: int, val_every: int = 10) -> dict:
-    """{size: (train indices, validation-slice indices)} into pool. size is a number of KB or
-    "all" (the whole pool). Nested: every subset is a prefix of one seeded order of the pool."""
-    order = np.random.default_rng([seed, 17]).permutation(len(pool))
-    cum = np.cumsum([len(format_review(pool[i]).encode()) for i in order])
-    out = {}
-    for s in sizes_kb:
-        if s == "all":
-            n = len(order)
-        elif isinstance(s, (int, float)) and 0 < s * KB <= cum[-1]:
-            n = int(np.searchsorted(cum, s * KB)) + 1
-        else:
-            raise ValueError(f"subset size {s!r}: need a positive number of KB up to the pool's "
-                             f"{cum[-1] / KB:.0f} KB, or 'all'")
-        is_val = np.arange(n) % val_every == val_every - 1
-        if not is_val.any() or is_val.all():
-            raise ValueError(f"subset of {s} KB has {n} reviews: too few for a validation slice of 1 in {val_every}")
-        out[s] = (order[:n][~is_val], order[:n][is_val])
-    return out
-
-
-@dataclass
-class ReviewDoc(EvalDoc):
-    n_head: int = 0      # tokens before the review text: [bos] and the header
-    text_bytes: int = 0  # UTF-8 bytes of the review text alone
-
-
-def encode(reviews: list[dict], tokenizer) -> list[ReviewDoc]:
-    """[bos] + tokens of each formatted review, with its UTF-8 bytes and words (for bpb, ppl),
-    and where its text starts (the header is 40% of the bytes: see heldout_scores)."""
-    bos, texts = tokenizer.bos_id(), [format_review(r) for r in reviews]
-    heads = tokenizer.encode([review_prompt(r["rating"], r["product"]) for r in reviews])
-    out = []
-    for r, t, ids, h in zip(reviews, texts, tokenizer.encode(texts), heads):
-        if ids[:len(h)] != h:  # "\n" is its own piece, so the header's tokens are a prefix
-            raise ValueError(f"review {r['id']}: its header does not tokenize as a prefix of the document")
-        out.append(ReviewDoc(np.array([bos] + ids, np.int64), len(t.encode()), len(t.split()),
-                             1 + len(h), len(r["text"].encode())))
-    return out
-
-
-def heldout_scores(lm, docs: list[ReviewDoc], n_boot: int = 1000) -> dict:
-    """gmlib.evaluate.quality of the whole documents (per-token ppl, bpb with its 95% interval,
-    per-word ppl), plus text_bpb: the review texts alone given their headers (same log-probs)."""
-    lps = lm.token_logprobs_many([d.tokens for d in docs])
-    q = quality(lm, docs, n_boot, nats=np.array([-lp.sum() for lp in lps]))
-    text = sum(-lp[d.n_head - 1:].sum() for lp, d in zip(lps, docs)) / math.log(2) / sum(d.text_bytes for d in docs)
-    return {"val_ppl": q["ppl_token"], "val_bpb": q["bpb"], "val_ppl_word": q["ppl_word"], "val_bpb_lo": q["bpb_lo"],
-            "val_bpb_hi": q["bpb_hi"], "text_bpb": float(text)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +64,7 @@ class Arm:
     """What one fine-tuning run trains and how it is evaluated."""
     name: str
     models: dict                     # key -> pre-trained GPT (copied before training)
-    make_lm: Callable                # {key: GPT} -> the evaluated model (gmlib.mixture interface)
+    make_lm: Callable                # {key: GPT} -> the evaluated model (gmlib.lm interface)
     info: dict = field(default_factory=dict)
 
 
@@ -191,22 +73,21 @@ def dense_arm(model) -> Arm:
 
 
 def gm_arm(gm, train_docs: list[EvalDoc], top_k: int = 1, eval_k: int | None = None, name: str = "gm") -> Arm:
-    """gm = (router, load_expert, info) of gmlib.gm.load_gm. The router's votes on the training
-    reviews pick the experts to fine-tune and give the mixture its task prior."""
-    router, load_expert, info = gm
-    E = info["n_experts"]
+    """gm: a gmlib.serve.LoadedGM. The router's votes on the training reviews pick the experts to
+    fine-tune and give the mixture its task prior."""
+    E = gm.n_experts
     # the score that assigned the training documents (balancing bias included), as the mixture's prior
-    scores = np.asarray(router.prefix_scores([d.tokens for d in train_docs]))
+    scores = np.asarray(gm.router.prefix_scores([d.tokens for d in train_docs]))
     votes = np.bincount(scores.argmax(1), minlength=E)
     prior = (votes + 0.5) / (votes.sum() + 0.5 * E)
     chosen = [int(e) for e in np.argsort(-prior, kind="stable")[:top_k]]
     mc = MixtureConfig(k=min(E, eval_k or top_k), reroute_every=0)  # no router: the task prior throughout
 
     def make_lm(tuned):
-        return MixtureLM(lambda e: tuned[e] if e in tuned else load_expert(e), E, None, mc, base_prior=prior,
-                         expert_n_params=info["params_per_expert"])
-    return Arm(name, {e: copy.deepcopy(load_expert(e)) for e in chosen}, make_lm,
-               {"experts": [info["experts"][e] for e in chosen], "votes": votes.tolist(), "prior": prior.tolist()})
+        return MixtureLM(lambda e: tuned[e] if e in tuned else gm.expert(e), E, None, mc, base_prior=prior,
+                         expert_n_params=gm.params_per_expert)
+    return Arm(name, {e: copy.deepcopy(gm.expert(e)) for e in chosen}, make_lm,
+               {"experts": [gm.experts[e] for e in chosen], "votes": votes.tolist(), "prior": prior.tolist()})
 
 
 def slice_bpb(lm, docs: list[EvalDoc]) -> float:
@@ -266,17 +147,15 @@ def finetune(arm: Arm, shards: TokenShards, val_docs, cfg: FinetuneConfig, lr: f
 
 def save_experts(gm, tuned: dict, tag: str, meta: dict) -> list[str]:
     """Put fine-tuned experts into the gm's store as new experts <expert>.ft-<tag> (weights
-    only); refuses a name that is a pre-trained expert's."""
-    _, _, info = gm
+    only); refuses a name that is a pre-trained expert's. gm: a gmlib.serve.LoadedGM."""
     names = []
     for e, m in tuned.items():
-        name = f"{info['experts'][e]}.ft-{tag}"
-        if name in info["experts"]:
+        name = f"{gm.experts[e]}.ft-{tag}"
+        if name in gm.experts:
             raise ValueError(f"{name}: would overwrite a pre-trained expert")
-        info["store"].put(name, state_tensors(m), {"base": info["experts"][e], **meta}, keep_optimizer=False,
-                          durable=True)
+        gm.store.put(name, state_tensors(m), {"base": gm.experts[e], **meta}, keep_optimizer=False, durable=True)
         names.append(name)
-    info["store"].flush()
+    gm.store.flush()
     return names
 
 
@@ -301,8 +180,8 @@ def fit_point(arm: Arm, train_docs, val_docs, held_docs, cfg: FinetuneConfig, se
 
 def learning_curve(dense, gm, pool, heldout, tokenizer, cfg: FinetuneConfig, sizes_kb, seeds, curve_kb=None,
                    n_boot: int = 1000, save: str = "largest", log=print):
-    """Every (model, subset, seed) point. dense: a GPT or None; gm: load_gm's (router,
-    load_expert, info) or None. save: which fine-tuned gm experts go to the store (all, largest,
+    """Every (model, subset, seed) point. dense: a GPT or None; gm: a gmlib.serve.LoadedGM or
+    None. save: which fine-tuned gm experts go to the store (all, largest,
     none). Returns (points, steps curve of curve_kb at the first seed, {model: fine-tuned LM of
     the largest subset, first seed}). Rows with subset_kb 0 are the models before fine-tuning
     (gm with the smallest subset's task prior)."""
@@ -385,19 +264,3 @@ def figure(points: pd.DataFrame, curve: pd.DataFrame):
     fig.suptitle("Few-shot fine-tuning on Wildberries reviews (error bars: std over seeds)", fontsize=10)
     fig.tight_layout()
     return fig
-
-
-def generate_reviews(lms: dict, tokenizer, reviews: list[dict], ratings=(5, 4, 3, 2, 1), max_new_tokens: int = 60,
-                     temperature: float = 0.8, top_p: float = 0.9, seed: int = 0) -> str:
-    """Markdown: one review per star rating for every model, prompted with the rating and a
-    product (the most frequent products of `reviews`, in turn)."""
-    counts = pd.Series([r["product"] for r in reviews if r["product"]]).value_counts()
-    products = list(counts.index[:len(ratings)]) or [""]
-    prompts = {f"{r} из 5": review_prompt(r, products[i % len(products)]) for i, r in enumerate(ratings)}
-    texts = generate_texts(lms, tokenizer, prompts, max_new_tokens, temperature, top_p, seed)
-    lines = ["# Generated reviews", "",
-             f"Sampling: max_new_tokens={max_new_tokens}, temperature={temperature}, top_p={top_p}, seed={seed}", ""]
-    for name, prompt in prompts.items():
-        lines += [f"## {name}: «{prompt.strip().replace(chr(10), ' / ')}»", ""]
-        lines += [f"- **{m}:** {' '.join(t.split())}" for m, t in texts[name].items()] + [""]
-    return "\n".join(lines)

@@ -204,3 +204,10 @@ def figure(df: pd.DataFrame, x: str = "budget_flops_6nd"):
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     return fig
+
+
+def meets_goal(best: pd.DataFrame, goal: float) -> pd.Series:
+    """Per budget of best_table: does the best gm beat the best dense model by at least `goal` (a fraction)
+    in macro bpb, with the whole 95% interval of the macro difference below zero and micro bpb better too?"""
+    ci_hi = best["delta_macro_ci"].map(lambda s: float(s.strip("[]").split(",")[1]))
+    return (best["delta_macro_rel"] <= -goal) & (ci_hi < 0) & (best["delta_micro"] < 0)

@@ -37,7 +37,6 @@ import math
 import os
 import time
 import warnings
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -46,14 +45,12 @@ import torch
 import torch.distributed as dist
 
 from . import atomic
-from .checkpoint import load_state_tensors
 from .data import TokenShards
-from .gm_rank import SEED, Rank, branch_state, fresh_state, import_seed, job, state_bytes
+from .gm_rank import SEED, Rank, branch_state, fresh_state, import_seed, job, state_bytes  # noqa: F401  (state_bytes: API)
 from .gm_summary import FORMAT, expert_name, summarize  # noqa: F401  (FORMAT: gm.json's, part of the API)
-from .model import GPT, GPTConfig, make_config
+from .model import GPTConfig, make_config
 from . import routing_cache
 from .router import load_router, make_router
-from .store import ExpertStore
 from .train import TrainConfig, branch_path, branch_step, resolve_device, stable_until
 
 # settings a rerun into the same out_dir may change: they do not change what any expert learns
@@ -138,7 +135,6 @@ def _barrier():
         dist.barrier()
 
 
-_state_bytes = state_bytes  # load_gm's name for gm_rank.state_bytes
 
 
 def plan_budget(cfg: GMConfig, tok_step: int, routed_tokens) -> dict:
@@ -302,88 +298,4 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
     atomic.write_json(out / "gm.json", summary)
     return summary
 
-
-# ---------------------------------------------------------------- the evaluation side
-
-def load_gm(out_dir, device="cpu", gpu_bytes: int | None = None, ram_bytes: int | None = None, pool: int = 2):
-    """(router, load_expert, info) for gmlib.mixture. load_expert(e) returns expert e as a GPT in
-    eval mode; the weights come through the store's tiers (GPU LRU of gpu_bytes, RAM LRU of
-    ram_bytes, disk) into a pool of `pool` GPT modules, the least recently used one reused:
-    use pool >= k when generating with a top-k mixture, since the k experts are used together."""
-    out = Path(out_dir)
-    if not (out / "gm.json").is_file():
-        raise FileNotFoundError(f"{out}: no gm.json, so not a finished gm (run train_gm)")
-    info = json.loads((out / "gm.json").read_text())
-    router = load_router(out / info["router_path"])
-    mcfg, device = GPTConfig(**info["model_config"]), torch.device(device)
-    one = _state_bytes(mcfg) // 3 + 256  # weights only, the way finished experts are stored
-    store = ExpertStore(out / "store", ram_bytes or 4 * one, gpu_bytes or 2 * one, device)
-    models = OrderedDict()
-
-    def load_expert(e: int) -> GPT:
-        if e in models:
-            models.move_to_end(e)
-            return models[e]
-        # the store's buffers outlive this call: never let them become inference tensors (a first load
-        # inside torch.inference_mode, as log-linear pooling makes, would break every later copy)
-        with torch.inference_mode(False), torch.no_grad():
-            m = models.popitem(last=False)[1] if len(models) >= pool else GPT(mcfg).to(device)
-            tensors, _ = store.get(info["experts"][e])
-            load_state_tensors(m, None, {k: v for k, v in tensors.items() if k.startswith("model.")})
-        models[e] = m.eval()
-        return models[e]
-
-    info.update(store=store, params_per_expert=mcfg.n_params)
-    return router, load_expert, info
-
-
-def load_seed(out_dir, device="cpu") -> tuple[GPT, dict]:
-    """The BTM seed run of the gm in out_dir (the store entry SEED) as a GPT in eval mode, and its
-    accounting (gm.json's accounting["seed_run"]). A gm trained without a seed is an error."""
-    out = Path(out_dir)
-    info = json.loads((out / "gm.json").read_text())
-    acct = info["accounting"].get("seed_run")
-    if not acct or not (out / "experts" / f"{SEED}.json").is_file():
-        raise FileNotFoundError(f"{out}: this gm has no seed run (seed_fraction and seed_steps were 0)")
-    store = ExpertStore(out / "store", 4 * _state_bytes(GPTConfig(**info["model_config"])), 0, torch.device("cpu"))
-    model = GPT(GPTConfig(**info["model_config"]))
-    load_state_tensors(model, None, {k: v for k, v in store.read(SEED)[0].items() if k.startswith("model.")})
-    store.close()
-    return model.to(device).eval(), acct
-
-
-def mixture_loader(gm_root):
-    """A gmlib.evaluate loader for specs {"kind": "gm", "run": <name under gm_root>, "k", "eta", ...}:
-    evaluate.LOADERS["gm"] = gm.mixture_loader(work_dir(run_name) / "gm").
-    A spec with "expert": e gives that expert alone (a SingleLM, charged its own training seconds);
-    one with "seed": True the seed run alone (charged the seed run's seconds). Mixtures of one gm share
-    a remembered router, and with "share_passes": True their experts' passes over the documents
-    (worth it when k up to n_experts is scored: each expert then reads every document once, in full)."""
-    memos, passes = {}, {}  # per gm: a remembered router, and with share_passes its experts' passes
-
-    def load(spec: dict, device):
-        from .mixture import MixtureConfig, MixtureLM, ScoreMemo, SingleLM
-        if spec.get("seed"):
-            model, acct = load_seed(Path(gm_root) / spec["run"], device)
-            lm = SingleLM(model)
-            lm.train_gpu_seconds = acct["gpu_seconds"]
-            return lm
-        if "expert" in spec:
-            _, load_expert, info = load_gm(Path(gm_root) / spec["run"], device, pool=1)
-            lm = SingleLM(load_expert(spec["expert"]))
-            lm.train_gpu_seconds = info["records"][spec["expert"]]["accounting"]["gpu_seconds"]
-            info["store"].close()
-            return lm
-        mc = MixtureConfig.from_spec(spec)
-        n = json.loads((Path(gm_root) / spec["run"] / "gm.json").read_text())["n_experts"]
-        # log-linear pooling uses every weighted expert on each window batch: keep them all
-        router, load_expert, info = load_gm(Path(gm_root) / spec["run"], device,
-                                            pool=n if mc.pool == "log-linear" else max(2, mc.k))
-        router = memos.setdefault(spec["run"], ScoreMemo(router))
-        shared = passes.setdefault(spec["run"], {}) if spec.get("share_passes") else None
-        lm = MixtureLM(load_expert, info["n_experts"], router, mc, expert_n_params=info["params_per_expert"],
-                       passes=shared)
-        lm.train_gpu_seconds = info["accounting"]["gpu_seconds"]
-        return lm
-    return load
 

@@ -17,7 +17,7 @@ sentencepiece.model.
 
 A whole gm: one Llama folder per expert, the router (gmlib.router's format), gm_hf.json with the
 shares and the mixture settings, and a README.md model card; load_gm_hf serves it to gmlib.mixture
-exactly as gmlib.gm.load_gm serves a trained gm.
+exactly as gmlib.serve.load_gm serves a trained gm.
 
 transformers is imported inside the functions that need it, so training never loads it.
 """
@@ -215,16 +215,14 @@ def export_gm(gm_dir, out, tokenizer=None, dtype: torch.dtype = torch.float32, m
     """Every expert of the trained gm at gm_dir as a Llama folder out/expert_XXX, the router in out/router,
     gm_hf.json (experts, shares, model config, the mixture settings `mixture` as gmlib.mixture.MixtureConfig
     fields), and `card` as out/README.md. gm_hf.json is written last."""
-    from .gm import load_gm
     from .mixture import MixtureConfig
+    from .serve import load_gm
     out = Path(out)
-    router, load_expert, info = load_gm(gm_dir, "cpu", pool=1)
-    try:
-        check_exportable(GPTConfig(**info["model_config"]))
-        for e, name in enumerate(info["experts"]):
-            export_gpt(load_expert(e), out / name, tokenizer, dtype)
-    finally:
-        info["store"].close()
+    with load_gm(gm_dir, "cpu", pool=1) as gm:
+        check_exportable(gm.model_config)
+        for e, name in enumerate(gm.experts):
+            export_gpt(gm.expert(e), out / name, tokenizer, dtype)
+    router, info = gm.router, gm.info
     if (out / "router").exists():
         shutil.rmtree(out / "router")
     router.save(out / "router")
@@ -238,8 +236,8 @@ def export_gm(gm_dir, out, tokenizer=None, dtype: torch.dtype = torch.float32, m
 
 
 def load_gm_hf(folder, device="cpu", pool: int = 2):
-    """(router, load_expert, info) for gmlib.mixture, as gmlib.gm.load_gm gives for a trained gm; the
-    experts load from their Llama folders, at most `pool` of them kept in memory."""
+    """(router, load_expert, info) for gmlib.mixture, as a trained gm's gmlib.serve.LoadedGM gives them
+    (router, expert, info); the experts load from their Llama folders, at most `pool` of them kept in memory."""
     from collections import OrderedDict
     from .router import load_router
     folder = Path(folder)
@@ -265,7 +263,7 @@ def mixture_lm(folder, device="cpu", **overrides):
     from .mixture import MixtureConfig, MixtureLM
     stored = json.loads((Path(folder) / "gm_hf.json").read_text())
     mc = MixtureConfig(**{**stored["mixture"], **overrides})
-    # as gmlib.gm.mixture_loader: the k experts are used together, log-linear pooling weighs them all
-    pool = stored["n_experts"] if mc.pool == "log-linear" else max(2, mc.k)
+    # as gmlib.serve.mixture_loader: the k experts are used together, log-linear pooling weighs them all
+    pool = mc.experts_held(stored["n_experts"], at_least=2)
     router, load_expert, info = load_gm_hf(folder, device, pool=pool)
     return MixtureLM(load_expert, info["n_experts"], router, mc, expert_n_params=info["params_per_expert"])

@@ -126,12 +126,9 @@ def export(run: str, model: str, out, dtype_name: str = "float32", k: int | None
     if spec["kind"] == "dense":
         hf.export_gpt(load_model(spec["path"]), out, tok, dtype)
     elif spec["kind"] == "expert":
-        from .gm import load_gm
-        _, load_expert, info = load_gm(spec["path"], "cpu", pool=1)
-        try:
-            hf.export_gpt(load_expert(spec["expert"]), out, tok, dtype)
-        finally:
-            info["store"].close()
+        from .serve import load_gm
+        with load_gm(spec["path"], "cpu", pool=1) as gm:
+            hf.export_gpt(gm.expert(spec["expert"]), out, tok, dtype)
     else:
         hf.export_gm(spec["path"], out, tok, dtype, mixture={"k": k or spec["k"] or 2}, card=card)
     if spec["kind"] != "gm":

@@ -149,3 +149,15 @@ def test_tokenizer_and_shards(corpus, tmp_path):
     os.unlink(tmp_path / "shards" / "val" / "meta.json")
     sh3 = shards.tokenize_all(d, model, tmp_path / "shards", shards.ShardConfig(workers=2), log=lambda *a: None)
     assert TokenShards(tmp_path / "shards" / "val").n_tokens == sh3["val"]["n_tokens"] == sh["val"]["n_tokens"]
+
+
+def test_clean_record_is_the_filter_stages_rule():
+    # 05_evaluate cleans an outside corpus with it: clean_text, then doc_filter with the source's role
+    from data_prep import clean
+    good = "Это обычный русский текст о погоде. " * 20
+    for rec in ({"text": good, "source": "news_rt"}, {"text": good}, {"text": "too short"}, {"text": "<p>" + good + "</p>"}):
+        role = SOURCES[rec["source"]].role if rec.get("source") in SOURCES else "web"
+        text, _ = clean.clean_text(rec["text"])
+        assert prepare.clean_record(rec) == (text if clean.doc_filter(text, role) is None else None)
+    assert prepare.clean_record({"text": "too short"}) is None
+    assert prepare.cleaned_text("<p>" + good + "</p>") == clean.clean_text("<p>" + good + "</p>")[0]

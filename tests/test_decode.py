@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from gmlib import decode
-from gmlib.mixture import MixtureConfig, SingleLM, from_models
+from gmlib.lm import SingleLM
+from gmlib.mixture import MixtureConfig, from_models
 from gmlib.model import GPTConfig
 from helpers import peaked_gpt
 

@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from gmlib import eval_docs
 from gmlib import evaluate as ev
-from gmlib.mixture import MixtureConfig, SingleLM, from_models
+from gmlib.lm import SingleLM
+from gmlib.mixture import MixtureConfig, from_models
 from gmlib.model import GPT, GPTConfig
+from pipeline import records
 from helpers import peaked_gpt
 
 V = 40
@@ -38,7 +41,7 @@ class Fixed:
 def two_source_docs():
     # source a: two documents of 10 and 30 bytes; source b: one document of 100 bytes
     toks = np.array([1, 2, 3])
-    return [ev.EvalDoc(toks, 10, 2, "a"), ev.EvalDoc(toks, 30, 5, "a"), ev.EvalDoc(toks, 100, 9, "b")]
+    return [eval_docs.EvalDoc(toks, 10, 2, "a"), eval_docs.EvalDoc(toks, 30, 5, "a"), eval_docs.EvalDoc(toks, 100, 9, "b")]
 
 
 def test_macro_bpb_on_two_sources_equals_the_hand_computation():
@@ -59,7 +62,7 @@ def test_macro_bpb_on_two_sources_equals_the_hand_computation():
     st = ev.source_table(dt, n_boot=200).set_index(["model", "source"])
     assert st.loc[("m", "a"), "bpb"] == pytest.approx(1.0) and st.loc[("m", "b"), "bpb"] == pytest.approx(2.0)
     assert st.loc[("m", "b"), "bpb_lo"] == st.loc[("m", "b"), "bpb_hi"] == pytest.approx(2.0)
-    rec = ev.metrics_record(q.reset_index(), {})
+    rec = records.metrics_record(q.reset_index(), {})
     assert rec["reference"] == "ref" and rec["models"]["m"]["bpb_macro_ci"] == [q.loc["m", "bpb_macro_lo"], q.loc["m", "bpb_macro_hi"]]
     assert rec["models"]["m"]["bpb_macro_delta"]["vs"] == "ref" and rec["models"]["m"]["max_doc_tokens"] is None
 
@@ -83,7 +86,7 @@ def test_doc_table_sums_to_micro_and_the_cap_is_the_same_for_every_model(tmp_pat
     texts = ["мама мыла раму и пела весь день." * 2, "кот спит.", "дождь идёт всю ночь и весь день без конца."]
     path = tmp_path / "c.jsonl"
     path.write_text("".join(f'{{"text": "{t}", "source": "s{i % 2}"}}\n' for i, t in enumerate(texts)), encoding="utf-8")
-    docs = ev.docs_from_jsonl(path, tok, max_doc_tokens=20)
+    docs = eval_docs.docs_from_jsonl(path, tok, max_doc_tokens=20)
     assert [len(d.tokens) - 1 for d in docs] == [20, 9, 20]            # capped, the short one whole
     assert docs[0].nbytes == len(texts[0][:20].encode()) and docs[1].nbytes == len(texts[1].encode())
     vocab = len(tok.chars)
@@ -100,7 +103,7 @@ def test_doc_table_sums_to_micro_and_the_cap_is_the_same_for_every_model(tmp_pat
 
 def test_oracle_is_never_worse_than_any_expert():
     rng = np.random.default_rng(0)
-    docs = [ev.EvalDoc(np.array([1, 2]), int(n), 1, s) for n, s in zip(rng.integers(5, 50, 12), "aabbbcccaabc")]
+    docs = [eval_docs.EvalDoc(np.array([1, 2]), int(n), 1, s) for n, s in zip(rng.integers(5, 50, 12), "aabbbcccaabc")]
     models = {f"g-expert{e}": Fixed(rng.uniform(1, 100, 12)) for e in range(3)}
     dt = ev.doc_table(models, docs)
     orc = ev.oracle_rows(dt, "g-oracle", list(models))

@@ -1,4 +1,4 @@
-"""gmlib.eval_parts: an evaluation run in parts merges into exactly what one run of all models gives,
+"""pipeline.eval_parts: an evaluation run in parts merges into exactly what one run of all models gives,
 and parts that do not share their reference or documents are refused with the file named."""
 import json
 
@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gmlib import eval_parts
+from gmlib import eval_docs
 from gmlib import evaluate as ev
+from pipeline import eval_parts, records
 from test_evaluate import TEXTS, CharTokenizer, UnigramLM, write_jsonl
 
 NUMBERS = ["bpb", "bpb_lo", "bpb_hi", "bpb_delta", "bpb_delta_lo", "bpb_delta_hi", "ppl_token", "ppl_word", "n_bytes"]
@@ -16,7 +17,7 @@ NUMBERS = ["bpb", "bpb_lo", "bpb_hi", "bpb_delta", "bpb_delta_lo", "bpb_delta_hi
 @pytest.fixture
 def setup(tmp_path):
     tok = CharTokenizer(TEXTS)
-    docs = ev.docs_from_jsonl(write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in TEXTS * 3]), tok)
+    docs = eval_docs.docs_from_jsonl(write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in TEXTS * 3]), tok)
     rng = np.random.default_rng(0)
     models = {n: UnigramLM(np.log(rng.dirichlet(np.ones(tok.vocab_size())))) for n in ["ref", "b", "c", "d"]}
     return models, docs
@@ -38,7 +39,7 @@ def test_two_parts_merge_into_the_one_run_table(setup, tmp_path):
     merged = eval_parts.merge_quality(first, table(models, ["ref", "d", "c"], docs), tmp_path / "q.csv")
     assert list(merged["model"]) == ["ref", "b", "d", "c"]      # the reference first; c replaced, not doubled
     np.testing.assert_allclose(merged.set_index("model").loc[whole.index, NUMBERS], whole[NUMBERS], rtol=1e-12)
-    assert ev.metrics_record(merged, {})["models"]["d"]["bpb_delta"]["vs"] == "ref"
+    assert records.metrics_record(merged, {})["models"]["d"]["bpb_delta"]["vs"] == "ref"
 
 
 def test_parts_with_another_reference_or_other_documents_are_refused(setup, tmp_path):

@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from gmlib import finetune as ft
+from gmlib import shop_reviews
 from gmlib import gm as gmmod
-from gmlib.mixture import SingleLM
+from gmlib import serve
+from gmlib.lm import SingleLM
 from gmlib.paths import data_dir
 from gmlib.store import ExpertStore
 from gmlib.train import TrainConfig, setup
@@ -35,7 +37,7 @@ def reviews_path():
 
 @pytest.fixture(scope="module")
 def reviews(reviews_path):
-    return ft.load_reviews(reviews_path)
+    return shop_reviews.load_reviews(reviews_path)
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +51,17 @@ def test_load_and_format_reviews(reviews, reviews_path):
         raw = [json.loads(line) for line in f]
     assert len(reviews) == sum(bool(r["text"].strip()) for r in raw)  # only rating-only reviews are dropped
     first = next(r for r in raw if r["text"].strip())
-    doc = ft.format_review(reviews[0])
+    doc = shop_reviews.format_review(reviews[0])
     assert doc == f"Оценка: {first['rating']} из 5\nТовар: {first['product_name']}\n{first['text']}"
-    assert doc.startswith(ft.review_prompt(first["rating"], first["product_name"]))
-    assert ft.format_review({"rating": None, "product": "", "text": "Хорошо"}) == "Хорошо"
+    assert doc.startswith(shop_reviews.review_prompt(first["rating"], first["product_name"]))
+    assert shop_reviews.format_review({"rating": None, "product": "", "text": "Хорошо"}) == "Хорошо"
 
 
 def test_bad_review_file_is_a_clear_error(tmp_path, reviews_path):
     with gzip.open(reviews_path, "rt", encoding="utf-8") as f:
         good = [next(f) for _ in range(3)]
     with pytest.raises(FileNotFoundError, match="nothere.jsonl"):
-        ft.load_reviews(tmp_path / "nothere.jsonl")
+        shop_reviews.load_reviews(tmp_path / "nothere.jsonl")
     cases = {"badjson.jsonl": (good + ["{not json\n"], r"badjson\.jsonl:4: not valid JSON"),
              "notext.jsonl": (good[:2] + [json.dumps({"id": "x", "rating": 5}) + "\n"],
                               r"notext\.jsonl:3: no \"text\""),
@@ -67,23 +69,23 @@ def test_bad_review_file_is_a_clear_error(tmp_path, reviews_path):
     for name, (lines, msg) in cases.items():
         (tmp_path / name).write_text("".join(lines), encoding="utf-8")
         with pytest.raises(ValueError, match=msg):
-            ft.load_reviews(tmp_path / name)
+            shop_reviews.load_reviews(tmp_path / name)
     (tmp_path / "cut.jsonl.gz").write_bytes(reviews_path.read_bytes()[:5000])  # a truncated download
     (tmp_path / "plain.jsonl.gz").write_text("".join(good), encoding="utf-8")   # not gzip at all
     for name in ("cut.jsonl.gz", "plain.jsonl.gz"):
         with pytest.raises(ValueError, match=rf"{name}: unreadable reviews file"):
-            ft.load_reviews(tmp_path / name)
+            shop_reviews.load_reviews(tmp_path / name)
 
 
 def test_heldout_split_and_nested_subsets(reviews):
-    pool, held = ft.split_heldout(reviews, 0.1)
-    assert (pool, held) == ft.split_heldout(list(reviews), 0.1)          # deterministic
+    pool, held = shop_reviews.split_heldout(reviews, 0.1)
+    assert (pool, held) == shop_reviews.split_heldout(list(reviews), 0.1)          # deterministic
     assert 0.08 < len(held) / len(reviews) < 0.12
     assert not {r["text"] for r in pool} & {r["text"] for r in held}     # duplicates never straddle
-    assert ft.split_heldout(reviews, 0.1, max_heldout=50)[1] == held[:50]  # a fixed subsample
+    assert shop_reviews.split_heldout(reviews, 0.1, max_heldout=50)[1] == held[:50]  # a fixed subsample
     sizes = [25, 50, 100, 200, 400, "all"]
-    a, b, c = (ft.nested_subsets(pool, sizes, s) for s in (0, 0, 1))
-    nbytes = np.array([len(ft.format_review(r).encode()) for r in pool])
+    a, b, c = (shop_reviews.nested_subsets(pool, sizes, s) for s in (0, 0, 1))
+    nbytes = np.array([len(shop_reviews.format_review(r).encode()) for r in pool])
     for s in sizes:
         assert all(np.array_equal(x, y) for x, y in zip(a[s], b[s]))    # same seed, same subsets
         tr, va = a[s]
@@ -93,13 +95,13 @@ def test_heldout_split_and_nested_subsets(reviews):
         if s == "all":
             assert len(idx) == len(pool)
         else:  # the shortest prefix of the seeded order reaching s KB: at most one review over
-            assert s * ft.KB <= total < s * ft.KB + nbytes.max()
+            assert s * shop_reviews.KB <= total < s * shop_reviews.KB + nbytes.max()
     for small, big in zip(sizes, sizes[1:]):
         for x, y in zip(a[small], a[big]):
             assert set(x) <= set(y)                                     # nested, train and val slices alike
     assert set(np.concatenate(a[25])) != set(np.concatenate(c[25]))      # another seed, another subset
     with pytest.raises(ValueError, match="KB"):
-        ft.nested_subsets(pool, [10 ** 6], 0)
+        shop_reviews.nested_subsets(pool, [10 ** 6], 0)
 
 
 def test_slice_bpb_matches_a_direct_forward_pass(reviews, sp):
@@ -107,12 +109,12 @@ def test_slice_bpb_matches_a_direct_forward_pass(reviews, sp):
     torch.manual_seed(0)
     from gmlib.model import GPT, make_config
     model = GPT(make_config("tiny", vocab_size=sp.get_piece_size(), seq_len=512)).eval()
-    docs = ft.encode(reviews[:20], sp)
+    docs = shop_reviews.encode(reviews[:20], sp)
     assert all(len(d.tokens) <= 512 for d in docs)
     with torch.no_grad():
         nats = sum(F.cross_entropy(model(torch.as_tensor(d.tokens[None, :-1]))[0][0], torch.as_tensor(d.tokens[1:]),
                                    reduction="sum").item() for d in docs)
-    ref = nats / math.log(2) / sum(len(ft.format_review(r).encode()) for r in reviews[:20])
+    ref = nats / math.log(2) / sum(len(shop_reviews.format_review(r).encode()) for r in reviews[:20])
     assert ft.slice_bpb(SingleLM(model), docs) == pytest.approx(ref, rel=1e-6)
 
 
@@ -139,13 +141,13 @@ def pretrained(tiny_shards, tmp_path_factory):
 
 def test_finetuning_lowers_heldout_loss_and_keeps_pretrained_experts(pretrained, reviews, sp):
     dense, out = pretrained
-    pool, held = ft.split_heldout(reviews, 0.1, max_heldout=60)
+    pool, held = shop_reviews.split_heldout(reviews, 0.1, max_heldout=60)
     before = file_hashes(out)
-    gm = gmmod.load_gm(out)
+    gm = serve.load_gm(out)
     cfg = ft.FinetuneConfig(steps=20, lrs=(3e-3, 1e-2), batch_size=8, seq_len=64, eval_every=10, warmup_steps=3)
     points, curve, final = ft.learning_curve(dense, gm, pool, held, sp, cfg, [3, 6], [0], curve_kb=6, n_boot=100,
                                              save="all", log=lambda *a: None)
-    gm[2]["store"].close()
+    gm.close()
 
     for model in ("dense", "gm"):
         p = points[points.model == model].set_index("subset_kb")

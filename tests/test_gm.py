@@ -13,10 +13,11 @@ import pytest
 import torch
 import yaml
 
-from gmlib import gm
+from gmlib import gm, serve
 from gmlib.checkpoint import read_checkpoint, state_tensors
 from gmlib.data import ShardWriter, TokenShards
-from gmlib.mixture import MixtureConfig, MixtureLM, window_logprobs
+from gmlib.lm import window_logprobs
+from gmlib.mixture import MixtureConfig, MixtureLM
 from gmlib.paths import REPO_ROOT
 from gmlib.step import TrainStep
 from gmlib.store import ExpertStore
@@ -72,7 +73,7 @@ def test_state_bytes_sizes_a_gated_expert():
     cfg = gm.GPTConfig(n_layer=2, n_head=2, n_embd=64, seq_len=128, vocab_size=1000, activation="swiglu")
     pad = lambda n: 3 * (-(-4 * n // 256) * 256) + 256  # noqa: E731
     layer = [64, 3 * 64 * 64, 64 * 64, 64, 2 * 192 * 64, 64 * 192]
-    assert gm._state_bytes(cfg) == pad(1000 * 64) + pad(64) + 2 * sum(pad(n) for n in layer)
+    assert gm.state_bytes(cfg) == pad(1000 * 64) + pad(64) + 2 * sum(pad(n) for n in layer)
 
 
 def test_experts_learn_their_own_data(main_run):
@@ -184,24 +185,25 @@ def test_experts_are_independent(small_run, tiny_shards, tmp_path):
 
 def test_load_gm_serves_the_mixture(main_run, tiny_shards):
     out, s = main_run
-    one = gm._state_bytes(gm.GPTConfig(**s["model_config"])) // 3 + 256
-    router, load_expert, info = gm.load_gm(out, "cpu", gpu_bytes=one, ram_bytes=2 * one)  # 1 expert on the "GPU"
-    assert info["n_experts"] == 4 and router.n_experts == 4
+    one = gm.state_bytes(gm.GPTConfig(**s["model_config"])) // 3 + 256
+    g = serve.load_gm(out, "cpu", gpu_bytes=one, ram_bytes=2 * one)  # 1 expert on the "GPU"
+    router, load_expert = g.router, g.expert
+    assert g.n_experts == 4 and router.n_experts == 4
     docs = [TokenShards(tiny_shards / "val").doc(i)[:100] for i in range(6)]
     for e in (0, 3, 1, 0):  # more experts than the tiers hold: they cycle through disk
         m = load_expert(e)
         ref = weights(out, gm.expert_name(e))
         assert all(torch.equal(v, ref[f"model.{k}"]) for k, v in m.state_dict().items())
-    lm = MixtureLM(load_expert, 4, router, MixtureConfig(k=2, reroute_every=32), base_prior=info["shares"],
-                   expert_n_params=info["params_per_expert"])
+    lm = MixtureLM(load_expert, 4, router, MixtureConfig(k=2, reroute_every=32), base_prior=g.shares,
+                   expert_n_params=g.params_per_expert)
     lp = lm.token_logprobs_many(docs)
     assert all(np.isfinite(x).all() and len(x) == len(d) - 1 for x, d in zip(lp, docs))
     # with k = 1 and eta = 0 the first tokens follow the best expert under the base prior alone
-    single = window_logprobs(load_expert(int(np.argmax(info["shares"]))), docs[:1])[0]
-    lm1 = MixtureLM(load_expert, 4, None, MixtureConfig(k=1, eta=0.0), base_prior=info["shares"],
-                    expert_n_params=info["params_per_expert"])
+    single = window_logprobs(load_expert(int(np.argmax(g.shares))), docs[:1])[0]
+    lm1 = MixtureLM(load_expert, 4, None, MixtureConfig(k=1, eta=0.0), base_prior=g.shares,
+                    expert_n_params=g.params_per_expert)
     np.testing.assert_allclose(lm1.token_logprobs(docs[0]), single, rtol=1e-6, atol=1e-6)
-    info["store"].close()
+    g.close()
 
 
 def test_mixtures_sharing_passes_score_as_alone(main_run, tiny_shards):
@@ -209,7 +211,7 @@ def test_mixtures_sharing_passes_score_as_alone(main_run, tiny_shards):
     # load of an expert inside log-linear pooling's inference mode once broke every later copy of the store
     out, _ = main_run
     docs = [TokenShards(tiny_shards / "val").doc(i)[:150] for i in range(5)]
-    shared, alone = gm.mixture_loader(out.parent), gm.mixture_loader(out.parent)
+    shared, alone = serve.mixture_loader(out.parent), serve.mixture_loader(out.parent)
     for spec in ({"k": 2, "pool": "log-linear"}, {"k": 1}, {"k": 4}, {"k": 4, "pool": "log-linear"}):
         spec = {"kind": "gm", "run": out.name, "reroute_every": 32, **spec}
         want = alone(spec, "cpu").token_logprobs_many(docs)
@@ -243,13 +245,13 @@ def test_torchrun_two_processes_train_different_experts(tiny_shards, tmp_path):
 def test_the_seed_run_loads_alone_with_its_compute(small_run, main_run):
     """A seeded gm's seed is one more model (<gm>-seed): the store's "seed" weights, charged the seed run's seconds."""
     out, info = small_run
-    model, acct = gm.load_seed(out)
+    model, acct = serve.load_seed(out)
     seed_w = weights(out, gm.SEED)
     assert all(torch.equal(v, seed_w[f"model.{k}"]) for k, v in model.state_dict().items())
-    lm = gm.mixture_loader(out.parent)({"run": out.name, "seed": True}, "cpu")
+    lm = serve.mixture_loader(out.parent)({"run": out.name, "seed": True}, "cpu")
     assert lm.train_gpu_seconds == acct["gpu_seconds"] == info["accounting"]["seed_run"]["gpu_seconds"]
     with pytest.raises(FileNotFoundError, match="no seed run"):
-        gm.load_seed(main_run[0])
+        serve.load_seed(main_run[0])
 
 
 # ---------------------------------------------------------------- branching from a shared seed (issue 17)
@@ -324,7 +326,7 @@ def test_one_expert_gm_is_its_dense_twin(dense_twin, tiny_shards, tmp_path, monk
     # the same compute as the twin: seed + expert tokens = the dense run's
     assert s["accounting"]["tokens"] == dense_acct["tokens"] and s["accounting"]["flops_6nd"] == dense_acct["flops_6nd"]
     assert s["accounting"]["seed_run"]["tokens"] == b * 8 * 64
-    model, acct = gm.load_seed(tmp_path / "gm")
+    model, acct = serve.load_seed(tmp_path / "gm")
     assert acct == s["accounting"]["seed_run"]
     assert all(torch.equal(v, seed_tensors[f"model.{k}"]) for k, v in model.state_dict().items())
 

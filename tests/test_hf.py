@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from gmlib import gm, hf
-from gmlib.mixture import MixtureConfig, SingleLM
+from gmlib import gm, hf, serve
+from gmlib.lm import SingleLM
+from gmlib.mixture import MixtureConfig
 from gmlib.model import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")
@@ -55,7 +56,7 @@ def test_kv_cache_and_greedy_generation_match(exported):
             theirs = ref(chunk, past_key_values=past, use_cache=True)
             past = theirs.past_key_values
             assert (ours - theirs.logits).abs().max().item() <= 1e-5
-    # gm's cached generation path (mixture._Stream) against transformers' generate with past_key_values
+    # gm's cached generation path (gmlib.lm.Stream) against transformers' generate with past_key_values
     prompt = [1] + ids[0, :8].tolist()
     ours = SingleLM(model).generate(prompt, max_new_tokens=24, temperature=0.0, stop_token=2)
     theirs = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
@@ -134,7 +135,7 @@ def test_whole_gm_exports_and_scores_identically(tiny_shards, tiny_tokenizer_pat
     docs = [TokenShards(tiny_shards / "val").doc(i)[:90] for i in range(4)]
     for spec in [{"k": 2, "reroute_every": 32}, {"k": 1, "pool": "log-linear"}]:
         # the trained gm as 05_evaluate loads it, against the exported folder with the same settings
-        before = gm.mixture_loader(tmp_path)({"kind": "gm", "run": "gm", **spec}, "cpu").token_logprobs_many(docs)
+        before = serve.mixture_loader(tmp_path)({"kind": "gm", "run": "gm", **spec}, "cpu").token_logprobs_many(docs)
         after = hf.mixture_lm(out, **spec).token_logprobs_many(docs)
         assert all(np.array_equal(a, b) for a, b in zip(before, after))
     assert hf.mixture_lm(out).cfg == MixtureConfig(k=2, reroute_every=32)  # the stored settings

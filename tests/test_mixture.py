@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from gmlib.mixture import MixtureConfig, MixtureLM, SingleLM, from_models, sample, window_logprobs, windows
+from gmlib.lm import SingleLM, sample, window_logprobs, windows
+from gmlib.mixture import MixtureConfig, MixtureLM, from_models
 from gmlib.model import GPTConfig
 from helpers import peaked_gpt
 

@@ -1,9 +1,9 @@
-"""gmlib.report: the verdict follows the paired interval, tables keep every model, the README
+"""pipeline.report: the verdict follows the paired interval, tables keep every model, the README
 block is replaced exactly once."""
 import pandas as pd
 import pytest
 
-from gmlib import report
+from pipeline import report
 
 
 def quality(deltas):

@@ -1,5 +1,6 @@
-"""scripts/run_experiment.py: jobs start when their needs succeeded and a slot is free, one job per
-slot, a failure skips what needs it, a rerun skips what succeeded; RunLog merges metrics under a lock."""
+"""pipeline.plan (scripts/run_experiment.py): jobs start when their needs succeeded and a slot is free,
+one job per slot, a failure skips what needs it, a rerun skips what succeeded; RunLog merges metrics
+under a lock; scripts/gpu_machine/background_plan.sh runs plans in the background."""
 import json
 import multiprocessing as mp
 import os
@@ -11,10 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gmlib.runlog import RunLog
+from pipeline import plan as scheduler
+from pipeline.runlog import RunLog
 from helpers import REPO, load_script
-
-run_experiment = load_script("scripts/run_experiment.py")
 
 
 def job(name, code, needs=()):
@@ -45,7 +45,7 @@ def events(tmp_path):
 def test_needs_and_slots(env):
     plan = {"run_name": "t", "jobs": [traced("a", 0.6), traced("b", 0.2), traced("c", 0.1, needs=["a"]),
                                       traced("d", 0.1, needs=["b"])]}
-    rec = run_experiment.run_plan(plan, ["0", "1"], poll_s=0.05, log=lambda *_: None)
+    rec = scheduler.run_plan(plan, ["0", "1"], poll_s=0.05, log=lambda *_: None)
     assert {n: j["status"] for n, j in rec["jobs"].items()} == dict.fromkeys("abcd", "ok")
     ev = events(env)
     # a and b start at once on the two slots; d (needs b) runs before a ends; c only after a ends
@@ -66,7 +66,7 @@ def test_failure_skips_dependents_and_rerun_skips_done(env):
     plan = {"run_name": "t", "jobs": [traced("a", 0.0, rc=3), traced("b", 0.0), traced("c", 0.0, needs=["a"]),
                                       traced("d", 0.0, needs=["c"]), {"name": "e", "command": "no-such-program-gm"},
                                       traced("f", 0.0, needs=["e"])]}
-    rec = run_experiment.run_plan(plan, ["cpu"], poll_s=0.02, log=lambda *_: None)
+    rec = scheduler.run_plan(plan, ["cpu"], poll_s=0.02, log=lambda *_: None)
     assert {n: j["status"] for n, j in rec["jobs"].items()} == {"a": "failed", "b": "ok", "c": "skipped", "d": "skipped",
                                                                "e": "failed", "f": "skipped"}
     assert "no-such-program-gm" in rec["jobs"]["e"]["reason"]
@@ -75,12 +75,12 @@ def test_failure_skips_dependents_and_rerun_skips_done(env):
     (env / "trace.txt").unlink()
     plan["jobs"][0] = traced("a", 0.0)  # fixed: a rerun runs a, c, d but not b again
     del plan["jobs"][4:]
-    rec = run_experiment.run_plan(plan, ["cpu"], poll_s=0.02, log=lambda *_: None)
+    rec = scheduler.run_plan(plan, ["cpu"], poll_s=0.02, log=lambda *_: None)
     assert all(j["status"] == "ok" for j in rec["jobs"].values())
     assert [e.split()[0] for e in events(env) if " start" in e] == ["a", "c", "d"]
     (env / "trace.txt").unlink()
     plan["jobs"][1] = traced("b", 0.01)  # b written differently since it succeeded: it runs again, alone
-    run_experiment.run_plan(plan, ["cpu"], poll_s=0.02, log=lambda *_: None)
+    scheduler.run_plan(plan, ["cpu"], poll_s=0.02, log=lambda *_: None)
     assert [e.split()[0] for e in events(env) if " start" in e] == ["b"]
 
 
@@ -89,7 +89,7 @@ def test_after_waits_for_the_end_but_not_for_success(env):
     # with two slots it would otherwise start at once
     b = {**traced("b", 0.0), "after": ["a"]}
     plan = {"run_name": "t", "jobs": [traced("a", 0.3, rc=1), b, {**traced("c", 0.0, needs=["a"]), "after": ["b"]}]}
-    rec = run_experiment.run_plan(plan, ["0", "1"], poll_s=0.02, log=lambda *_: None)
+    rec = scheduler.run_plan(plan, ["0", "1"], poll_s=0.02, log=lambda *_: None)
     assert {n: j["status"] for n, j in rec["jobs"].items()} == {"a": "failed", "b": "ok", "c": "skipped"}
     ev = events(env)
     assert [e.split()[:2] for e in ev] == [["a", "start"], ["a", "end"], ["b", "start"], ["b", "end"]]
@@ -112,20 +112,20 @@ def test_bad_plans_are_refused(tmp_path, jobs, message):
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump({"run_name": "t", "jobs": jobs}))
     with pytest.raises(ValueError, match=message) as e:
-        run_experiment.load_plan(path)
+        scheduler.load_plan(path)
     assert str(path) in str(e.value)
 
 
 def test_committed_plan_is_valid():
-    plan = run_experiment.load_plan(REPO / "params" / "experiment" / "plan.yaml")
-    cmd = run_experiment.command(plan["jobs"][0], plan["run_name"])
+    plan = scheduler.load_plan(REPO / "params" / "experiment" / "plan.yaml")
+    cmd = scheduler.command(plan["jobs"][0], plan["run_name"])
     assert cmd[0] == sys.executable and "--tag" in cmd
 
 
 @pytest.mark.parametrize("budget", ["b1", "b2", "b3"])
 def test_frontier_plans_give_every_model_the_same_compute(tmp_path, budget):
     from gmlib.model import make_config
-    plan = run_experiment.load_plan(REPO / "params" / "frontier" / f"plan_{budget}.yaml")
+    plan = scheduler.load_plan(REPO / "params" / "frontier" / f"plan_{budget}.yaml")
     jobs = {j["name"]: j for j in plan["jobs"]}
     dense_file = yaml.safe_load((REPO / "params" / "frontier" / "03_dense.yaml").read_text())
     twin = {**dense_file, **jobs["dense30m"]["set"]}
@@ -133,7 +133,7 @@ def test_frontier_plans_give_every_model_the_same_compute(tmp_path, budget):
     assert len(gms) >= 4 and {j["set"]["seed_fraction"] for j in gms} <= set(twin["branch_fractions"])  # seeds saved
     for j in gms:  # each gm's whole budget is what its twin trained, warmup and all
         assert j["params_from"] == {"tokens": "dense30m.tokens"} and j["set"]["warmup_steps"] == twin["warmup_steps"]
-    argv = run_experiment.command(gms[1], plan["run_name"])
+    argv = scheduler.command(gms[1], plan["run_name"])
     i = argv.index("seed_fraction")
     assert argv[i - 1:i + 2] == ["-p", "seed_fraction", "0.75"] and "<dense30m.tokens>" in argv
     # every dense model of the budget: the twin's 6ND compute to within 1%
@@ -154,7 +154,7 @@ def test_frontier_plans_give_every_model_the_same_compute(tmp_path, budget):
     bad = tmp_path / "plan.yaml"
     bad.write_text(yaml.safe_dump({"run_name": "t", "jobs": [{"name": "a", "command": "true", "set": {"x": 1}}]}))
     with pytest.raises(ValueError, match="set maps"):
-        run_experiment.load_plan(bad)
+        scheduler.load_plan(bad)
 
 
 def test_params_from_passes_what_an_earlier_job_measured(env):
@@ -162,14 +162,14 @@ def test_params_from_passes_what_an_earlier_job_measured(env):
     job's start; while it is missing the job fails with the reason, and what needs it is skipped."""
     gm = {"name": "gm", "notebook": "04", "params": "params/experiment/04_gm_local.yaml", "tag": "gm",
           "params_from": {"tokens": "dense30m.tokens"}}
-    assert "<dense30m.tokens>" in run_experiment.command(gm, "t")  # the dry run's display
+    assert "<dense30m.tokens>" in scheduler.command(gm, "t")  # the dry run's display
     plan = {"run_name": "t", "jobs": [gm, traced("after_gm", 0.0, needs=["gm"])]}
-    rec = run_experiment.run_plan(plan, ["cpu"], poll_s=0.02, log=lambda *_: None)
+    rec = scheduler.run_plan(plan, ["cpu"], poll_s=0.02, log=lambda *_: None)
     assert {n: j["status"] for n, j in rec["jobs"].items()} == {"gm": "failed", "after_gm": "skipped"}
     assert "has no dense30m.tokens" in rec["jobs"]["gm"]["reason"]
     RunLog("t", "03_train_dense", tag="dense30m").save_metrics({"dense30m": {"tokens": 123456}})
-    assert run_experiment.measured(gm, "t") == {"tokens": 123456}
-    argv = run_experiment.command(gm, "t", run_experiment.measured(gm, "t"))
+    assert scheduler.measured(gm, "t") == {"tokens": 123456}
+    argv = scheduler.command(gm, "t", scheduler.measured(gm, "t"))
     assert argv[argv.index("-p"):argv.index("-p") + 3] == ["-p", "tokens", "123456"]
 
 
@@ -203,14 +203,14 @@ def test_run_notebooks_parameter_order(tmp_path):
 
 def test_a_job_that_cannot_start_skips_its_dependents(env):
     plan = {"run_name": "t", "jobs": [{"name": "e", "command": "no-such-program-gm"}, traced("f", 0.0, needs=["e"])]}
-    rec = run_experiment.run_plan(plan, ["0"], poll_s=0.02, log=lambda *_: None)
+    rec = scheduler.run_plan(plan, ["0"], poll_s=0.02, log=lambda *_: None)
     assert {n: j["status"] for n, j in rec["jobs"].items()} == {"e": "failed", "f": "skipped"}
 
 
 def test_background_watch_on_a_fresh_machine_stops_at_once(tmp_path):
     # a device call that lands on a fresh machine (the one that ran the plan was given back) must say so,
     # not wait out its seconds of device time watching a plan that is not there
-    script = REPO / "scripts" / "background_plan.sh"
+    script = REPO / "scripts" / "gpu_machine" / "background_plan.sh"
     env = {**os.environ, "GM_ROOT": str(tmp_path / "root")}
     t0 = time.time()
     p = subprocess.run(["bash", str(script), "watch", "60", str(tmp_path / "out.tgz")], env=env,
@@ -231,14 +231,14 @@ def test_background_start_refuses_a_machine_missing_a_module(tmp_path):
     site.mkdir(parents=True)
     (site / "papermill.py").write_text("raise ImportError('no papermill on this machine')\n")
     (tmp_path / "plan.yaml").write_text("run_name: x\njobs: []\n")
-    p = subprocess.run(["bash", str(REPO / "scripts" / "background_plan.sh"), "start", str(tmp_path / "plan.yaml")],
+    p = subprocess.run(["bash", str(REPO / "scripts" / "gpu_machine" / "background_plan.sh"), "start", str(tmp_path / "plan.yaml")],
                        env=env, capture_output=True, text=True)
     assert p.returncode == 4 and "missing" in p.stderr and "no papermill" in p.stderr
     assert not (tmp_path / "root" / "plan.pid").exists()
 
 
 def test_background_watch_stops_when_the_plan_process_died(tmp_path):
-    script = REPO / "scripts" / "background_plan.sh"
+    script = REPO / "scripts" / "gpu_machine" / "background_plan.sh"
     env = _plan_env(tmp_path)
     (tmp_path / "plan.yaml").write_text("run_name: x\njobs: not-a-list\n")   # run_experiment refuses it at once
     subprocess.run(["bash", str(script), "start", str(tmp_path / "plan.yaml")], env=env, check=True, capture_output=True)
@@ -252,7 +252,7 @@ def test_background_watch_stops_when_the_plan_process_died(tmp_path):
 
 def test_background_runs_several_plans_in_order(tmp_path):
     # the frontier's budgets are plans of their own (run names frontier/b1, frontier/b3, ...), started together
-    script = REPO / "scripts" / "background_plan.sh"
+    script = REPO / "scripts" / "gpu_machine" / "background_plan.sh"
     env = _plan_env(tmp_path)
     for b in ("b1", "b3"):
         (tmp_path / f"{b}.yaml").write_text(f"run_name: f/{b}\njobs:\n  - {{name: a, command: \"true\"}}\n")
@@ -268,7 +268,7 @@ def test_background_runs_several_plans_in_order(tmp_path):
 
 def test_background_runs_groups_of_plans_at_the_same_time(tmp_path):
     # b2+b3: two processes; watch waits for both and packs both logs
-    script = REPO / "scripts" / "background_plan.sh"
+    script = REPO / "scripts" / "gpu_machine" / "background_plan.sh"
     env = _plan_env(tmp_path)
     for b, cmd in (("b2", "sleep 3"), ("b3", "true")):
         (tmp_path / f"{b}.yaml").write_text(f"run_name: f/{b}\njobs:\n  - {{name: a, command: \"{cmd}\"}}\n")
@@ -287,6 +287,6 @@ def test_background_runs_groups_of_plans_at_the_same_time(tmp_path):
 
 
 def test_background_start_refuses_a_missing_plan(tmp_path):
-    p = subprocess.run(["bash", str(REPO / "scripts" / "background_plan.sh"), "start", str(tmp_path / "nope.yaml")],
+    p = subprocess.run(["bash", str(REPO / "scripts" / "gpu_machine" / "background_plan.sh"), "start", str(tmp_path / "nope.yaml")],
                        env=_plan_env(tmp_path), capture_output=True, text=True)
     assert p.returncode == 2 and "nope.yaml" in p.stderr

@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from gmlib import atomic, gm, report
+from gmlib import atomic, gm
+from pipeline import report
 from gmlib.clock import PARTS, WAIT, Clock
 from gmlib.data import ShardWriter
 from helpers import load_script

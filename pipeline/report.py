@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import atomic
+from gmlib import atomic
 from .runlog import markdown_table
 
 # the article's Table 2 (held-out perplexity, its own test set) and Table 3 (PARus accuracy)
@@ -187,3 +187,67 @@ def generations(record: dict, models: list) -> str:
         lines += [f"- **{m}:** …{' '.join(by_model[m].split())}" for m in models if m in by_model]
         lines.append("")
     return "\n".join(lines)
+
+
+def read_json(path) -> dict | list | None:
+    """A record file's JSON, or None when the record was never written (a benchmark not run)."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def finetune_table(path) -> pd.DataFrame | None:
+    """06's finetune_table.csv, the columns the report shows; None when fine-tuning did not run."""
+    path = Path(path)
+    return pd.read_csv(path)[["model", "subset_kb", "n_seeds", "val_ppl", "val_ppl_std", "val_bpb"]] if path.is_file() else None
+
+
+def gpu_minutes(cost: pd.DataFrame) -> float:
+    """Minutes of the cost table's stages that ran on a GPU."""
+    return cost.loc[~cost.device.str.startswith("cpu"), "minutes"].sum()
+
+
+def shown_models(heldout: pd.DataFrame, gen_models: list | None) -> list:
+    """The models whose generations the report shows: gen_models, or all but the experts alone and the oracles."""
+    if gen_models is not None:
+        return gen_models
+    return [m for m, k in zip(heldout["model"], heldout["kind"]) if k not in ("gm expert alone", "gm oracle (upper bound)")]
+
+
+def bpb_figure(quality: pd.DataFrame, kinds, run_name: str):
+    """Micro bpb with its 95% interval against stored parameters (log scale), one series per kind of model."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for k, grp in quality.assign(kind=kinds).groupby("kind", sort=False):
+        ax.errorbar(grp.params_total / 1e6, grp.bpb, yerr=[grp.bpb - grp.bpb_lo, grp.bpb_hi - grp.bpb], fmt="o", capsize=3,
+                    label=k)
+        for r in grp.itertuples():
+            ax.annotate(r.model, (r.params_total / 1e6, r.bpb), textcoords="offset points", xytext=(5, 3), fontsize=7)
+    ax.set_xscale("log")
+    ax.set(xlabel="stored parameters (millions, log scale)", ylabel="bits per byte on the test split (95% CI)",
+           title=f"{run_name}: held-out quality against model size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def document(heldout, verdict_lines, parus_wide, finetune, gen, shown, cost, speed, store, prefix: str = "") -> str:
+    """The report's Markdown (report.md and the README block): every section in order; figure links
+    start with `prefix` (the run folder, relative to where the text goes)."""
+    parts = [
+        section("Held-out quality (test split)", heldout),
+        section("Does gm beat dense at equal compute?", verdict_lines or ["no gm mixture in this run"]),
+        f"![bits per byte against parameters]({prefix}report_bpb.png)\n",
+        section("The article's Table 2 (its own test set; perplexity, not comparable)", article_table(ARTICLE_PPL, "perplexity")),
+        section("PARus zero-shot (accuracy [95% CI])", parus_wide),
+        section("The article's Table 3 (PARus)", article_table(ARTICLE_PARUS, "accuracy")),
+    ]
+    if finetune is not None:
+        parts += [section("Fine-tuning on shop reviews (held-out perplexity)", finetune),
+                  f"![fine-tuning curve]({prefix}finetune.png)\n"]
+    if gen:
+        parts += [section("Generation (the article's two prompts)", generations(gen, shown)),
+                  f"Every model's continuations: [{prefix}eval_generations.md]({prefix}eval_generations.md)\n"]
+    parts += [section(f"Cost ({gpu_minutes(cost):.1f} GPU-minutes in all)", cost),
+              section("Training speed (results/bench/train_speed.json)", speed),
+              section("Expert store", store or ["no store benchmark recorded"])]
+    return "\n".join(parts)

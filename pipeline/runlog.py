@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from . import atomic
-from .paths import REPO_ROOT, results_dir
+from gmlib import atomic
+from gmlib.paths import REPO_ROOT, results_dir
 
 
 def git_commit() -> str:

@@ -4,22 +4,22 @@
 # commands: data, checkpoints and results all live under $GM_ROOT (default /root/gm), outside the
 # copy, and each `watch` packs the results so far, so a lost machine loses nothing that finished.
 #
-#   bash scripts/background_plan.sh stage ARCHIVE [PART2..]  # unpack a tar.xz of work/data's shards/ and tokenizer.*
-#                                                             # (given in parts, in order, when the archive and the
-#                                                             # working tree exceed one call's 64 MiB: split -b 30M)
-#   bash scripts/background_plan.sh start PLAN [WHEELS] [RAW] # PLAN (or PLAN1,PLAN2,... run in order; A1,A2+B1: the
-#                                                             # groups on either side of + run at the same time, each
-#                                                             # in its own process), offline wheels (optional), raw
-#                                                             # data dir with parus/ and reviews/ (optional), an
-#                                                             # import check, then the plans under setsid
-#   bash scripts/background_plan.sh watch SECONDS OUT.tgz     # wait for the plan to end (at most SECONDS), pack results
+#   bash scripts/gpu_machine/background_plan.sh stage ARCHIVE [PART2..]  # unpack a tar.xz of work/data's shards/ and tokenizer.*
+#                                                                         # (given in parts, in order, when the archive and the
+#                                                                         # working tree exceed one call's 64 MiB: split -b 30M)
+#   bash scripts/gpu_machine/background_plan.sh start PLAN [WHEELS] [RAW] # PLAN (or PLAN1,PLAN2,... run in order; A1,A2+B1: the
+#                                                                         # groups on either side of + run at the same time, each
+#                                                                         # in its own process), offline wheels (optional), raw
+#                                                                         # data dir with parus/ and reviews/ (optional), an
+#                                                                         # import check, then the plans under setsid
+#   bash scripts/gpu_machine/background_plan.sh watch SECONDS OUT.tgz     # wait for the plan to end (at most SECONDS), pack results
 #
 # Make the archive here with:  (cd work/data && tar cf - shards tokenizer.model tokenizer.json | xz -6 -T2) > ARCHIVE   # about 54 MB
 # and the wheels with ../shared/tools/gpu-wheels.sh WHEELS, then add ftfy and wcwidth (data_prep.clean):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d WHEELS ftfy wcwidth
 set -euo pipefail
 ROOT=${GM_ROOT:-/root/gm}
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
 SITE=$ROOT/site
 export GM_WORK_DIR=$ROOT/work GM_RESULTS_DIR=$ROOT/results GM_DATA_DIR=$ROOT/raw
 export PYTHONPATH=$SITE:$REPO PYTHONUNBUFFERED=1
@@ -51,8 +51,8 @@ case ${1:-} in
     # Fail now, not minutes into the plan, if a module the notebooks import is missing (2026-11-28:
     # 06 needs ftfy through data_prep.clean, which the wheel set lacked, and failed after the training).
     cd "$REPO"
-    python3 -c "import importlib, pkgutil, gmlib, papermill, ipykernel, data_prep.clean
-[importlib.import_module(m.name) for m in pkgutil.iter_modules(gmlib.__path__, 'gmlib.')]" \
+    python3 -c "import importlib, pkgutil, gmlib, pipeline, papermill, ipykernel, data_prep.clean
+[importlib.import_module(m.name) for p in (gmlib, pipeline) for m in pkgutil.iter_modules(p.__path__, p.__name__ + '.')]" \
       || { echo "start: a module the plan's notebooks import is missing here: add its wheel to ${3:-WHEELS}" >&2; exit 4; }
     mkdir -p "$GM_RESULTS_DIR"
     # One process per group of plans (groups split by +, so that small jobs of one budget fill the GPU while
