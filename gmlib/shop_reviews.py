@@ -122,8 +122,9 @@ def encode(reviews: list[dict], tokenizer) -> list[ReviewDoc]:
     for r, t, ids, h in zip(reviews, texts, tokenizer.encode(texts), heads):
         if ids[:len(h)] != h:  # "\n" is its own piece, so the header's tokens are a prefix
             raise ValueError(f"review {r['id']}: its header does not tokenize as a prefix of the document")
-        out.append(ReviewDoc(np.array([bos] + ids, np.int64), len(t.encode()), len(t.split()),
-                             1 + len(h), len(r["text"].encode())))
+        # by name: EvalDoc's fields may grow (they did: source, max_tokens), and positions would shift
+        out.append(ReviewDoc(tokens=np.array([bos] + ids, np.int64), nbytes=len(t.encode()), nwords=len(t.split()),
+                             source="reviews", n_head=1 + len(h), text_bytes=len(r["text"].encode())))
     return out
 
 

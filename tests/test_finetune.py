@@ -118,6 +118,24 @@ def test_slice_bpb_matches_a_direct_forward_pass(reviews, sp):
     assert ft.slice_bpb(SingleLM(model), docs) == pytest.approx(ref, rel=1e-6)
 
 
+def test_text_bpb_scores_the_review_text_given_its_header(reviews, sp):
+    """text_bpb: the review text's tokens (after [bos] and the header) against its own UTF-8 bytes, from the
+    same log-probs as the whole-document bpb; a reference from the logits."""
+    torch.manual_seed(0)
+    from gmlib.model import GPT, make_config
+    model = GPT(make_config("tiny", vocab_size=sp.get_piece_size(), seq_len=512)).eval()
+    docs = shop_reviews.encode(reviews[:20], sp)
+    heads = sp.encode([shop_reviews.review_prompt(r["rating"], r["product"]) for r in reviews[:20]])
+    assert [d.n_head for d in docs] == [1 + len(h) for h in heads]
+    assert [d.text_bytes for d in docs] == [len(r["text"].encode()) for r in reviews[:20]]
+    with torch.no_grad():
+        nats = sum(F.cross_entropy(model(torch.as_tensor(d.tokens[None, :-1]))[0][0][d.n_head - 1:],
+                                   torch.as_tensor(d.tokens[d.n_head:]), reduction="sum").item() for d in docs)
+    ref = nats / math.log(2) / sum(d.text_bytes for d in docs)
+    assert math.isfinite(ref) and shop_reviews.heldout_scores(SingleLM(model), docs, n_boot=10)["text_bpb"] == \
+        pytest.approx(ref, rel=1e-6)
+
+
 def file_hashes(root):
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}

@@ -12,6 +12,7 @@ from gmlib import atomic, gm
 from pipeline import report
 from gmlib.clock import PARTS, WAIT, Clock
 from gmlib.data import ShardWriter
+from gmlib.store import ExpertStore
 from helpers import load_script
 
 VOCAB, T = 256, 32
@@ -75,7 +76,7 @@ def test_a_resident_run_fetches_nothing(runs):
 
 
 def test_records_are_written_once_at_the_end_of_the_phase(shards, tmp_path, monkeypatch):
-    writes, flushes, real_write, real_flush = [], [], atomic.write_json, gm.ExpertStore.flush
+    writes, flushes, real_write, real_flush = [], [], atomic.write_json, ExpertStore.flush
 
     def write_json(path, obj, *a, **kw):
         if path.parent.name == "experts":
@@ -87,7 +88,7 @@ def test_records_are_written_once_at_the_end_of_the_phase(shards, tmp_path, monk
         return real_flush(self)
 
     monkeypatch.setattr(gm.atomic, "write_json", write_json)
-    monkeypatch.setattr(gm.ExpertStore, "flush", flush)
+    monkeypatch.setattr(ExpertStore, "flush", flush)
     s = gm.train_gm(gm.GMConfig.from_dict(CFG), shards, tmp_path / "gm")
     assert sorted(n for n, _ in writes) == s["experts"]   # each once
     assert {f for _, f in writes} == {1}                     # all after the phase's one flush
