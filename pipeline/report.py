@@ -1,4 +1,5 @@
-"""The experiment's report: the README's Results tables, built from the records the notebooks wrote.
+"""The results report (results/REPORT.md): the experiment's tables and the frontier's headline, built from the
+records the notebooks wrote, with the committed findings of each run folder between them.
 
 Nothing here measures anything. Every number is read from results/<run>/ (05's eval_quality.csv,
 eval_parus.csv and summary.json, 06's finetune_table.csv, each stage's device and seconds in
@@ -11,14 +12,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from gmlib import atomic
+from gmlib import atomic, frontier
 from .runlog import markdown_table
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"  # the README's headline block
 
 # the article's Table 2 (held-out perplexity, its own test set) and Table 3 (PARus accuracy)
 ARTICLE_PPL = {"ruGPT3-small": 30.91, "ruGPT3-medium": 22.96, "ruGPT3-large": 21.34, "GM30B": 18.02}
 ARTICLE_PARUS = {"ruGPT3-small": 0.562, "ruGPT3-medium": 0.598, "ruGPT3-large": 0.584, "ruGPT3-XL": 0.676,
                  "GM30B": 0.704, "YaLM-1B": 0.766}
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
 def kind(name: str, router) -> str:
@@ -42,20 +44,24 @@ def _ci(v, lo, hi, fmt="{:.4f}"):
 def heldout_table(quality: pd.DataFrame, summary: dict) -> pd.DataFrame:
     """One row per model: what it is, its size and training device-seconds, macro bpb (the
     headline) and its difference from the reference's (the first model), micro bpb and per-word
-    perplexity with their 95% intervals, and micro bpb minus the reference's; paired intervals."""
-    ref = quality["model"].iloc[0]
+    perplexity with their 95% intervals, and micro bpb minus the reference's; paired intervals.
+    Records of 05 from before the macro bpb (results/experiment/) have micro bpb only."""
+    ref, macro = quality["model"].iloc[0], "bpb_macro" in quality.columns
     rows = []
     for r in quality.itertuples():
         router = summary["models"].get(r.model, {}).get("router")
-        rows.append({"model": r.model, "kind": kind(r.model, router), "router": router or "",
-                     "params_total_M": round(r.params_total / 1e6, 1), "params_active_M": round(r.params_active / 1e6, 1),
-                     "train_gpu_s": None if pd.isna(r.train_gpu_seconds) else round(r.train_gpu_seconds, 1),
-                     "bpb_macro [95% CI]": _ci(r.bpb_macro, r.bpb_macro_lo, r.bpb_macro_hi),
-                     f"bpb_macro - {ref} [95% CI]": "" if r.model == ref else
-                     _ci(r.bpb_macro_delta, r.bpb_macro_delta_lo, r.bpb_macro_delta_hi, "{:+.4f}"),
-                     "bpb [95% CI]": _ci(r.bpb, r.bpb_lo, r.bpb_hi),
-                     "ppl_word [95% CI]": _ci(r.ppl_word, r.ppl_word_lo, r.ppl_word_hi, "{:.1f}"),
-                     f"bpb - {ref} [95% CI]": "" if r.model == ref else _ci(r.bpb_delta, r.bpb_delta_lo, r.bpb_delta_hi, "{:+.4f}")})
+        row = {"model": r.model, "kind": kind(r.model, router), "router": router or "",
+               "params_total_M": round(r.params_total / 1e6, 1), "params_active_M": round(r.params_active / 1e6, 1),
+               "train_gpu_s": None if pd.isna(r.train_gpu_seconds) else round(r.train_gpu_seconds, 1)}
+        if macro:
+            row["bpb_macro [95% CI]"] = _ci(r.bpb_macro, r.bpb_macro_lo, r.bpb_macro_hi)
+            row[f"bpb_macro - {ref} [95% CI]"] = "" if r.model == ref else _ci(
+                r.bpb_macro_delta, r.bpb_macro_delta_lo, r.bpb_macro_delta_hi, "{:+.4f}")
+        row.update({"bpb [95% CI]": _ci(r.bpb, r.bpb_lo, r.bpb_hi),
+                    "ppl_word [95% CI]": _ci(r.ppl_word, r.ppl_word_lo, r.ppl_word_hi, "{:.1f}"),
+                    f"bpb - {ref} [95% CI]": "" if r.model == ref else
+                    _ci(r.bpb_delta, r.bpb_delta_lo, r.bpb_delta_hi, "{:+.4f}")})
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -168,14 +174,62 @@ def section(title: str, body) -> str:
     return f"#### {title}\n\n{body}\n"
 
 
+def frontier_table(ledger: pd.DataFrame) -> pd.DataFrame:
+    """The frontier's headline (gmlib.frontier.best_table of the ledger 05 appends to): per budget the best
+    dense model, the best gm mixture with its active parameters, and their paired macro and micro differences."""
+    best = frontier.best_table(ledger)
+    if best.empty:
+        raise ValueError("the frontier ledger has no budget with both a dense model and a gm mixture")
+    return pd.DataFrame({
+        "budget": best["budget"], "6ND FLOPs": best["budget_flops_6nd"].map("{:.3g}".format),
+        "best dense": best["best_dense"], "dense macro bpb": best["dense_bpb_macro"].map("{:.4f}".format),
+        "best gm": best["best_gm"], "gm macro bpb": best["gm_bpb_macro"].map("{:.4f}".format),
+        "gm active params": best["gm_params_active"].map(_m),
+        "gm - dense, macro [95% CI]": [f"{d:+.4f} {ci} ({r:+.2%})" for d, ci, r in
+                                       zip(best["delta_macro"], best["delta_macro_ci"], best["delta_macro_rel"])],
+        "micro [95% CI]": [f"{d:+.4f} {ci}" for d, ci in zip(best["delta_micro"], best["delta_micro_ci"])]})
+
+
 def replace_block(path, block: str):
-    """Put `block` between the BEGIN and END markers of the file at `path` (atomically)."""
+    """Put `block` between the BEGIN and END markers of the file at `path` (atomically): the README's
+    headline table, written by 07 from the frontier's ledger."""
     path = Path(path)
     text = path.read_text()
     pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
     if len(pattern.findall(text)) != 1:
         raise ValueError(f"{path}: expected one '{BEGIN}' ... '{END}' block to replace")
     atomic.write_text(path, pattern.sub(lambda _: f"{BEGIN}\n{block.strip()}\n{END}", text))
+
+
+def findings(paths, root) -> list[str]:
+    """The committed findings (Markdown, paths from the repository `root`) the report strings in, each with
+    where it comes from; a missing one is an error naming it, not a silently shorter report."""
+    out = []
+    for rel in paths:
+        f = Path(root) / rel
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: a findings file the report includes is missing (the `findings` parameter)")
+        out.append(f"{f.read_text().strip()}\n\n<sub>from `{rel}`</sub>\n")
+    return out
+
+
+def full_report(run_name: str, experiment_md: str, frontier_md: str | None, ledger_rel: str | None,
+                findings_md: list[str], frontier_figure: str = "frontier/frontier.png") -> str:
+    """results/REPORT.md: the frontier's headline (from the ledger `ledger_rel`, under results/; its figure at
+    `frontier_figure`, relative to the report), the findings, the experiment's report."""
+    parts = ["# gm: results\n",
+             "Written by `notebooks/07_report.ipynb` from the records under `results/`: every table below is read from "
+             "a run's files, and the prose between them is each run folder's committed findings. How each run was made "
+             "is in its folder (`NOTE.md`, `*.params.yaml`, the executed notebooks); GPU measurements with their "
+             "predictions are in `bench/NOTES.md`.\n"]
+    if frontier_md is not None:
+        parts += [f"## The compute frontier (`results/{ledger_rel}`)\n",
+                  "Per budget of training compute (6·N·tokens), the best dense model and the best gm mixture by macro "
+                  "bpb on the same test documents, with the paired difference (below zero: gm better).\n",
+                  frontier_md, f"![the frontier]({frontier_figure})\n"]
+    parts += findings_md
+    parts += [f"### Written by 07 from `results/{run_name}/`\n", experiment_md]
+    return "\n".join(parts)
 
 
 def generations(record: dict, models: list) -> str:
@@ -231,8 +285,8 @@ def bpb_figure(quality: pd.DataFrame, kinds, run_name: str):
 
 
 def document(heldout, verdict_lines, parus_wide, finetune, gen, shown, cost, speed, store, prefix: str = "") -> str:
-    """The report's Markdown (report.md and the README block): every section in order; figure links
-    start with `prefix` (the run folder, relative to where the text goes)."""
+    """The report's Markdown (report.md, and the full report's experiment part): every section in order;
+    figure links start with `prefix` (the run folder, relative to where the text goes)."""
     parts = [
         section("Held-out quality (test split)", heldout),
         section("Does gm beat dense at equal compute?", verdict_lines or ["no gm mixture in this run"]),

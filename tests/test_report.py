@@ -1,5 +1,5 @@
-"""pipeline.report: the verdict follows the paired interval, tables keep every model, the README
-block is replaced exactly once."""
+"""pipeline.report: the verdict follows the paired interval, tables keep every model, the full report
+strings the frontier's headline, the findings and the experiment's tables in order."""
 import pandas as pd
 import pytest
 
@@ -51,6 +51,13 @@ def test_heldout_table_keeps_every_model_and_marks_kinds():
     assert list(t["model"]) == list(q["model"])
     assert list(t["kind"]) == ["dense", "gm mixture", "gm expert alone"]
     assert t.iloc[0]["bpb - dense [95% CI]"] == "" and t.iloc[1]["bpb - dense [95% CI]"] == "-0.1500 [-0.2000, -0.1000]"
+    assert t.iloc[0]["bpb_macro [95% CI]"] == "1.2000 [1.0000, 1.4000]"
+
+
+def test_heldout_table_of_records_from_before_the_macro_bpb():
+    q = quality([(-0.2, -0.1)]).drop(columns=[c for c in quality([]).columns if c.startswith("bpb_macro")])
+    t = report.heldout_table(q, summary(q))
+    assert not any("macro" in c for c in t.columns) and t.iloc[1]["bpb [95% CI]"] == "0.8500 [0.9000, 1.1000]"
 
 
 def test_parus_table_pivots_in_model_order():
@@ -68,6 +75,48 @@ def test_replace_block(tmp_path):
     f.write_text("no markers\n")
     with pytest.raises(ValueError, match="README.md"):
         report.replace_block(f, "x")
+
+
+def _ledger_rows():
+    """Two budgets of a tiny ledger: at b1 the dense 10m is best and gm k8 is the best mixture."""
+    base = {"budget_flops_6nd": 1e15, "delta_ci_lo": 0.0, "delta_ci_hi": 0.0, "delta_macro_ci_lo": 0.0,
+            "delta_macro_ci_hi": 0.0, "params_active": 3e7}
+    rows = [dict(base, budget="b1", model="dense10m", kind="dense", bpb_macro=1.00, delta_macro_vs_best_dense=0.0,
+                 delta_vs_best_dense=0.0),
+            dict(base, budget="b1", model="dense30m", kind="dense", bpb_macro=1.10, delta_macro_vs_best_dense=0.1,
+                 delta_vs_best_dense=0.1),
+            dict(base, budget="b1", model="gm-k1", kind="gm", bpb_macro=1.20, delta_macro_vs_best_dense=0.2,
+                 delta_vs_best_dense=0.2),
+            dict(base, budget="b1", model="gm-k8", kind="gm", bpb_macro=1.05, delta_macro_vs_best_dense=0.05,
+                 delta_vs_best_dense=0.04, delta_macro_ci_lo=0.03, delta_macro_ci_hi=0.07, params_active=2.4e8),
+            dict(base, budget="b2", model="dense30m", kind="dense", bpb_macro=0.90, budget_flops_6nd=4e15,
+                 delta_macro_vs_best_dense=0.0, delta_vs_best_dense=0.0)]  # b2 has no gm: not in the table
+    return pd.DataFrame(rows)
+
+
+def test_frontier_table_pairs_the_best_dense_with_the_best_gm():
+    t = report.frontier_table(_ledger_rows())
+    assert list(t["budget"]) == ["b1"]
+    r = t.iloc[0]
+    assert (r["best dense"], r["best gm"], r["gm macro bpb"]) == ("dense10m", "gm-k8", "1.0500")
+    assert r["gm - dense, macro [95% CI]"].startswith("+0.0500 [+0.0300, +0.0700] (+5.00%)")
+    assert r["gm active params"] == "240M"
+    with pytest.raises(ValueError, match="no budget"):
+        report.frontier_table(_ledger_rows().query("kind == 'dense'"))
+
+
+def test_full_report_strings_findings_between_the_frontier_and_the_experiment(tmp_path):
+    (tmp_path / "results" / "frontier").mkdir(parents=True)
+    (tmp_path / "results" / "frontier" / "FINDINGS.md").write_text("### What the runs show\n\n- gm loses\n")
+    found = report.findings(["results/frontier/FINDINGS.md"], tmp_path)
+    text = report.full_report("experiment", "#### Held-out quality\n", "| table |\n", "frontier/runs.csv", found)
+    order = [text.index(x) for x in ("## The compute frontier (`results/frontier/runs.csv`)", "| table |",
+                                     "frontier/frontier.png", "- gm loses", "from `results/frontier/FINDINGS.md`",
+                                     "### Written by 07 from `results/experiment/`", "#### Held-out quality")]
+    assert order == sorted(order)
+    assert "## The compute frontier" not in report.full_report("experiment", "x", None, None, found)
+    with pytest.raises(FileNotFoundError, match="missing.md"):
+        report.findings(["results/missing.md"], tmp_path)
 
 
 def test_cost_table_reads_every_stage(tmp_path):
