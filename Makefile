@@ -26,6 +26,7 @@ demo: $(VENV)
 test: $(VENV)
 	rm -rf .cache/test-results .cache/test-work
 	mkdir -p .cache
+	$(PY) -m ruff check .
 	GM_RESULTS_DIR=$(CURDIR)/.cache/test-results GM_WORK_DIR=$(CURDIR)/.cache/test-work \
 	  $(PY) -m pytest -q tests
 	GM_RESULTS_DIR=$(CURDIR)/.cache/test-results GM_WORK_DIR=$(CURDIR)/.cache/test-work \

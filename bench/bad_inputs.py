@@ -273,7 +273,8 @@ def zero_shard(tmp):
     ref = shard.read_bytes()
     shard.write_bytes(b"")
     said = []
-    import contextlib, io
+    import contextlib
+    import io
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         shards.tokenize_all(clean_dir, model, tmp / "shards", shards.ShardConfig(workers=1), log=said.append)
@@ -288,7 +289,8 @@ def zero_tokenizer(tmp):
     clean_dir, model = _tokenized(tmp)
     ref = model.read_bytes()
     model.write_bytes(b"")
-    import contextlib, io
+    import contextlib
+    import io
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         tokenizer.train_on_split(clean_dir, model, tokenizer.TokenizerConfig(vocab_size=400, num_threads=1))
@@ -696,8 +698,8 @@ def run_cases(scratch: Path) -> list[dict]:
     for c in CASES:
         t0 = time.time()
         out.append(run_case(c, scratch))
-        print(f"{'ok ' if out[-1]['ok'] else 'BAD'} {c['case']:60s} {time.time() - t0:5.1f} s  {out[-1]['message'][:90]}",
-              flush=True)
+        print(f"{'ok ' if out[-1]['ok'] else 'BAD'} {c['case']:60s} {time.time() - t0:5.1f} s  "
+              f"{out[-1]['message'][:90]}", flush=True)
     return out
 
 
@@ -721,13 +723,15 @@ def _digest(p: Path) -> str:
     if p.suffix == ".npz":
         with np.load(p) as z:
             for k in sorted(z.files):
-                h.update(k.encode()); h.update(np.ascontiguousarray(z[k]).tobytes())
+                h.update(k.encode())
+                h.update(np.ascontiguousarray(z[k]).tobytes())
     elif p.suffix == ".npy":
         h.update(np.ascontiguousarray(np.load(p)).tobytes())
     elif p.suffix == ".safetensors":
         from safetensors.numpy import load_file
         for k, v in sorted(load_file(p).items()):
-            h.update(k.encode()); h.update(np.ascontiguousarray(v).tobytes())
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(v).tobytes())
     else:
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
@@ -811,7 +815,8 @@ def kill_resume(scratch: Path, trials: int, seed: int) -> dict:
         shutil.copytree(ref_work, before[st])
         r = run_stage(ref_work, st)
         secs[st], writes[st], ref[st] = r["seconds"], r["writes"], fingerprint(ref_work, st)
-        print(f"reference {STAGES[st]}: {secs[st]} s, {len(ref[st])} output files, {writes[st]} writes seen", flush=True)
+        print(f"reference {STAGES[st]}: {secs[st]} s, {len(ref[st])} output files, {writes[st]} writes seen",
+              flush=True)
     order = [list(STAGES)[i % len(STAGES)] for i in range(trials)]
     out = []
     for i, st in enumerate(order):
@@ -828,11 +833,13 @@ def kill_resume(scratch: Path, trials: int, seed: int) -> dict:
         diff = sorted(f for f in set(ref[st]) | set(got) if ref[st].get(f) != got.get(f))
         rec = {"trial": i, "stage": STAGES[st], "moment_s": k["moment_s"], "after_write": after,
                "delay_s": round(delay, 3), "reference_writes": writes[st], "reference_s": secs[st],
-               "killed": k["killed"], "outputs_present_at_kill": present, "stray_tmp_after_kill": strays, "stray_tmp_after_rerun": temporaries(work),
+               "killed": k["killed"], "outputs_present_at_kill": present, "stray_tmp_after_kill": strays,
+               "stray_tmp_after_rerun": temporaries(work),
                "rerun_s": round(time.time() - t0, 2), "files_compared": len(ref[st]), "differing": diff[:5],
                "result": "identical" if not diff else "differs"}
         out.append(rec)
-        print(f"trial {i:2d} {STAGES[st]:15s} killed at {k['moment_s']} s (write {after} of {writes[st]} + {delay:.2f} s): "
+        print(f"trial {i:2d} {STAGES[st]:15s} killed at {k['moment_s']} s "
+              f"(write {after} of {writes[st]} + {delay:.2f} s): "
               f"{rec['result']}"
               f" ({present} of {len(ref[st])} files there at the kill; stray .tmp {strays}, "
               f"after the rerun {rec['stray_tmp_after_rerun']})",

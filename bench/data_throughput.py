@@ -52,7 +52,8 @@ def main(argv=None):
     texts, steps["normalize"], _ = timed(lambda rt: clean.normalize(rt[1]), raw)
     texts, steps["protect_code"], _ = timed(lambda t: clean.protect_code(t), texts)  # markers for code blocks
     texts = [(r, t, c) for (r, _), (t, c) in zip(raw, texts)]
-    texts, steps["strip_markup"], _ = timed(lambda rtc: (rtc[0], clean.strip_markup(rtc[1], cfgs[rtc[0]]), rtc[2]), texts)
+    texts, steps["strip_markup"], _ = timed(
+        lambda rtc: (rtc[0], clean.strip_markup(rtc[1], cfgs[rtc[0]]), rtc[2]), texts)
     texts, steps["clean_lines"], _ = timed(
         lambda rtc: (rtc[0], clean.restore_code(clean.clean_lines(rtc[1], cfgs[rtc[0]])[0], rtc[2])), texts)
     rules, steps["doc_filter"], _ = timed(lambda rt: clean.doc_filter(rt[1], rt[0], cfgs[rt[0]]), texts)

@@ -14,7 +14,8 @@ copying the weights into the decoder; the best of `--repeats` calls counts, afte
   eager       k=1, batch 1           gmlib.decode with graphs=False (the graph's share of the gain)
   static      k=1 and k=2, batch B   --batch prompts of --prompt-len/2 .. --prompt-len tokens at once
 tokens_per_s counts new tokens of all rows of the batch; same_tokens_as_reference (batch 1) is how many
-leading tokens equal the reference engine's (all in fp32; bf16 kernels that round apart may split near-ties). Greedy: random weights give flat distributions
+leading tokens equal the reference engine's (all in fp32; bf16 kernels that round apart may split near-ties).
+Greedy: random weights give flat distributions
 whose top-p sort would dominate a tiny model's time, and the sampler is the same host code for both
 engines. Records merge into --out (default results/bench/decode.json), one per (model, k, batch, engine,
 dtype, device); the CPU record is no GPU figure.

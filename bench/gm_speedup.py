@@ -1,7 +1,9 @@
 """The multi-GPU speed-up of the gm trainer, from two runs of the same config (issue 4).
 
-  torchrun --standalone --nproc_per_node=1 scripts/train_gm.py --config params/gm124m/speedup.yaml --data work/data/shards --out work/s1
-  torchrun --standalone --nproc_per_node=2 scripts/train_gm.py --config params/gm124m/speedup.yaml --data work/data/shards --out work/s2
+  torchrun --standalone --nproc_per_node=1 scripts/train_gm.py --config params/gm124m/speedup.yaml \\
+      --data work/data/shards --out work/s1
+  torchrun --standalone --nproc_per_node=2 scripts/train_gm.py --config params/gm124m/speedup.yaml \\
+      --data work/data/shards --out work/s2
   python bench/gm_speedup.py work/s1/gm.json work/s2/gm.json results/gm124m_speedup/speedup.json
 
 The training phase's wall time is the store's `swap.wall_s` (from the first expert's segment to

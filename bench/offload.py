@@ -119,7 +119,8 @@ def steady(tw: dict) -> dict:
 
 def overrides(cfg: Config) -> dict:
     """The GPTConfig overrides of every expert (GMConfig.model)."""
-    return {**({"seq_len": cfg.seq_len} if cfg.seq_len else {}), **({"activation": cfg.activation} if cfg.activation else {})}
+    return {**({"seq_len": cfg.seq_len} if cfg.seq_len else {}),
+            **({"activation": cfg.activation} if cfg.activation else {})}
 
 
 def run_one(cfg: Config, name: str, data: Path, root: Path, slots: int) -> dict:
@@ -129,7 +130,8 @@ def run_one(cfg: Config, name: str, data: Path, root: Path, slots: int) -> dict:
     tcfg = TrainConfig(batch_size=cfg.batch, lr=cfg.lr, min_lr=cfg.lr / 10, warmup_steps=min(20, cfg.segment_steps),
                        schedule="wsd", eval_every=0, log_every=cfg.log_every, compile=bool(cfg.compile))
     gcfg = gm.GMConfig(n_experts=cfg.experts, router="random", model_size=cfg.preset, model=overrides(cfg),
-                       budget="fixed", tokens=cfg.rounds * cfg.segment_steps * tok_step, segment_steps=cfg.segment_steps,
+                       budget="fixed", tokens=cfg.rounds * cfg.segment_steps * tok_step,
+                       segment_steps=cfg.segment_steps,
                        gpu_bytes=slots * gm.state_bytes(mcfg), device=cfg.device, seed=cfg.seed, train=tcfg)
     out = root / name
     shutil.rmtree(out, ignore_errors=True)
@@ -146,15 +148,18 @@ def run_one(cfg: Config, name: str, data: Path, root: Path, slots: int) -> dict:
            "parts": {k: v for k, v in tw.items() if k.endswith("_s") and k not in ("wall_s", "trainer_wait_s")},
            "steady": steady(tw), "tokens": s["accounting"]["tokens"],
            "store": {k: st[k] for k in ("bytes_to_dev", "bytes_to_ram", "bytes_snapshot", "bytes_to_disk", "copy_s",
-                                        "gb_s", "get_s", "put_s", "hits", "misses", "prefetches", "evictions", "allocs")},
+                                        "gb_s", "get_s", "put_s", "hits", "misses", "prefetches", "evictions",
+                                        "allocs")},
            "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
            "last_loss": [r["history"]["loss"][-1] if r["history"]["loss"] else None for r in s["records"]],
            "segments": tw["segments"]}
-    rec["steady"]["tokens_per_s"] = rec["steady"]["steps"] * tok_step / rec["steady"]["wall_s"] if rec["steady"]["wall_s"] > 0 else None
+    rec["steady"]["tokens_per_s"] = (rec["steady"]["steps"] * tok_step / rec["steady"]["wall_s"]
+                                     if rec["steady"]["wall_s"] > 0 else None)
     if not cfg.keep:
         shutil.rmtree(out, ignore_errors=True)
     sd = rec["steady"]
-    log(f"{name}: wall {rec['wall_s']:.1f} s; from the second segment on {sd['wall_s']:.2f} s, waited {sd['wait_s']:.3f} s "
+    log(f"{name}: wall {rec['wall_s']:.1f} s; from the second segment on {sd['wall_s']:.2f} s, "
+        f"waited {sd['wait_s']:.3f} s "
         f"({sd['wait_frac']:.2%}: " + ", ".join(f"{p} {sd[p + '_s']:.3f}" for p in WAIT) + ")")
     return rec
 
@@ -169,7 +174,8 @@ def main(argv=None):
                          f"training and the one prefetched")
     root = Path(cfg.work) if cfg.work else work_dir("bench_offload")
     T = make_config(cfg.preset, **overrides(cfg)).seq_len
-    data = Path(cfg.shards) if cfg.shards else synthetic_shards(root / "data", cfg.vocab, 16 * cfg.experts, 4 * T, cfg.seed)
+    data = (Path(cfg.shards) if cfg.shards
+            else synthetic_shards(root / "data", cfg.vocab, 16 * cfg.experts, 4 * T, cfg.seed))
     res = {name: run_one(cfg, name, data, root, cfg.slots if name == "swap" else cfg.experts) for name in runs}
     sw, rs = res["swap"], res["resident"]
     emcfg = make_config(cfg.preset, vocab_size=TokenShards(data / "train").vocab_size, **overrides(cfg))
@@ -192,7 +198,8 @@ def main(argv=None):
     }
     atomic.write_json(out, result)
     log(f"overhead {result['overhead_frac']:.2%} of the wall time (whole run {result['overhead_frac_whole']:.2%}); "
-        f"vs all resident {result['overhead_vs_resident'] or 0:+.2%} (whole run {result['overhead_vs_resident_whole'] or 0:+.2%})"
+        f"vs all resident {result['overhead_vs_resident'] or 0:+.2%} "
+        f"(whole run {result['overhead_vs_resident_whole'] or 0:+.2%})"
         f" -> {out}")
     json.dump({k: v for k, v in result.items() if k not in ("config", "runs")}, sys.stdout, indent=1, default=str)
     print()

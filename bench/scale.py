@@ -134,7 +134,8 @@ def main(argv=None):
         f"{n_experts * mcfg.n_params / 1e9:.2f}B params; RAM tier {ram_bytes / GB:.1f} GB, "
         f"disk about {expect_disk / GB:.1f} GB of {free_disk / GB:.1f} GB free; {len(progress['done'])} done before")
     if expect_disk > 0.9 * free_disk:
-        raise SystemExit(f"not enough free disk under {root.parent}: need about {expect_disk / GB:.1f} GB; raise --ram-gb")
+        raise SystemExit(f"not enough free disk under {root.parent}: need about {expect_disk / GB:.1f} GB; "
+                         "raise --ram-gb")
     store = ExpertStore(root, ram_bytes=ram_bytes, gpu_bytes=cfg.gpu_slots * one, device=device, pin=False)
 
     data = Path(cfg.shards) if cfg.shards else synthetic_shards(root.parent / f"{root.name}.data", mcfg.vocab_size,
@@ -204,7 +205,8 @@ def main(argv=None):
             log(f"MISMATCH: {name}")
         del tensors
     verify_s = time.perf_counter() - t_verify
-    disk_problems = store.verify(sorted(n for n in progress["done"] if n not in in_ram)[:5])  # spot check: every version file
+    # spot check: every version file
+    disk_problems = store.verify(sorted(n for n in progress["done"] if n not in in_ram)[:5])
     s = store.summary()
     disk_bytes = sum(p.stat().st_size for p in root.rglob("*.safetensors"))
 
@@ -230,8 +232,10 @@ def main(argv=None):
     }
     store.close(flush=False)  # RAM copies are not written out: the disk holds about 60 GB at most
     atomic.write_json(out, result)
-    log(f"{done} experts, {result['total_params'] / 1e9:.2f}B params, {result['seconds_per_expert'] or 0:.2f} s/expert, "
-        f"peak GPU {result['peak_gpu_gb'] or 0:.1f} GB, RAM {result['peak_ram_gb']:.1f} GB, disk {result['disk_gb']:.1f} GB, "
+    log(f"{done} experts, {result['total_params'] / 1e9:.2f}B params, "
+        f"{result['seconds_per_expert'] or 0:.2f} s/expert, "
+        f"peak GPU {result['peak_gpu_gb'] or 0:.1f} GB, RAM {result['peak_ram_gb']:.1f} GB, "
+        f"disk {result['disk_gb']:.1f} GB, "
         f"verified {verified}, mismatches {len(bad)} -> {out}")
     json.dump({k: v for k, v in result.items() if k not in ("config", "store")}, sys.stdout, indent=1, default=str)
     print()

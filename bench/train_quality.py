@@ -37,7 +37,8 @@ def train_one(name: str, shards: Path, steps: int, eval_every: int, eval_batches
     acct = tr.run(progress=False)
     h = tr.history
     return {
-        "config": v["config"], "variant": name, "params": cfg.n_params, "n_head": cfg.n_head, "mlp_width": cfg.mlp_width,
+        "config": v["config"], "variant": name, "params": cfg.n_params, "n_head": cfg.n_head,
+        "mlp_width": cfg.mlp_width,
         "batch": v["batch"],
         "seq_len": cfg.seq_len, "steps": tr.step, "tokens": acct["tokens"], "lr": lr,
         "val_loss": h["val_loss"][-1], "val_curve": list(zip(h["val_step"], h["val_loss"])),
@@ -66,7 +67,7 @@ def main(argv=None):
         rec = train_one(name, args.shards, args.steps, args.eval_every, args.eval_batches, args.lr)
         merge(args.out, rec)
         print(f"-- {name}: val loss {rec['val_loss']:.4f} after {rec['tokens']:,} tokens ({rec['steps']} steps), "
-              f"{rec['train_seconds']:.0f} s of training; curve {[round(l, 3) for _, l in rec['val_curve']]}",
+              f"{rec['train_seconds']:.0f} s of training; curve {[round(v, 3) for _, v in rec['val_curve']]}",
               flush=True)
 
 

@@ -189,7 +189,8 @@ def measure(name: str, shard_dir: str, seconds: float) -> dict:
         "settings": {k: v[k] for k in ("compile", "mode", "activation", "fp32_logits", "inductor", "sdpa", "fp8",
                                        "fp8_scaling", "bf16_residual")},
         "n_head": cfg.n_head, "mlp_width": cfg.mlp_width,
-        "vocab": VOCAB, "load_avg_1m": round(os.getloadavg()[0], 2), "status": "ok", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "vocab": VOCAB, "load_avg_1m": round(os.getloadavg()[0], 2), "status": "ok",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 

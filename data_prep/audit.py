@@ -73,7 +73,8 @@ def build(prep: dict, data_name: str, params: dict | None = None) -> dict:
     return {"data_name": data_name, "params": params or {}, "sources": srcs, "rules": rules, "totals": totals,
             "splits": splits, "splits_by_source": {x: sp["counts"][x] for x in SPLITS},
             "weights": sp["weights"], "tokens": {},
-            "throughput_mb_s_per_core": {"cleaning": round(raw_in / 1e6 / cpu, 3) if cpu else None, "tokenization": None},
+            "throughput_mb_s_per_core": {"cleaning": round(raw_in / 1e6 / cpu, 3) if cpu else None,
+                                         "tokenization": None},
             # how long each stage took when it actually ran (a rerun that reuses it does not reset this)
             "wall_seconds": {"filter": round(sum(filtered[s]["seconds"] for s in sp["sources"]), 2),
                              "dedup": dd.get("seconds", prep["wall_seconds"]["dedup"]),

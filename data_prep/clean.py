@@ -105,7 +105,8 @@ class CleanConfig:
 
 # --- lines ------------------------------------------------------------------------------------
 
-_ASCIIDOC_LINE = re.compile(r"^(?:\[\[?[^\u0400-\u04ff\]]*\]\]?|-{4,}|={4,}|\.{4,}|\*{4,}|_{4,}|\+{4,}|(?:image|include|ifdef|endif|ifndef)::.*|:[\w-]+:.*|\(\(\(.*\)\)\)|<<[^>]*>>)$")
+_ASCIIDOC_LINE = re.compile(r"^(?:\[\[?[^\u0400-\u04ff\]]*\]\]?|-{4,}|={4,}|\.{4,}|\*{4,}|_{4,}|\+{4,}|"
+                            r"(?:image|include|ifdef|endif|ifndef)::.*|:[\w-]+:.*|\(\(\(.*\)\)\)|<<[^>]*>>)$")
 _ASCIIDOC_HEAD = re.compile(r"^(=+|\.(?=[А-ЯA-Z]))\s*")
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]+")
 _INVISIBLE = re.compile(r"[\u200b-\u200d\u2060\ufeff\ufffd\u00ad\ufe0f]")
@@ -120,7 +121,8 @@ _BOILERPLATE = re.compile(
     r"реклама|erid|все права защищены|©|\([cс]\)|copyright|наш канал|наш телеграм|прислать новость|"
     r"предложить новость|ещё больше новостей|больше новостей|развернуть|свернуть|показать полностью|читать далее|"
     r"читать полностью|подробнее|далее|comments?|комментари|ответить|цитировать|нравится|like|share|tags?\s*:|"
-    r"теги\s*:|метки\s*:|мы используем (?:файлы )?cookie|политика конфиденциальности|пользовательское соглашение)(?!\w)",
+    r"теги\s*:|метки\s*:|мы используем (?:файлы )?cookie|политика конфиденциальности|"
+    r"пользовательское соглашение)(?!\w)",
     re.I)
 # a call to subscribe anywhere in a short line ("Топор Live. Подписаться", "КиберТопор — Подписаться")
 _SUBSCRIBE = re.compile(r"(?<!\w)(?:подписывайтесь|подписывайся|подпишитесь|подпишись|подписаться|ставьте лайк|"
@@ -128,13 +130,16 @@ _SUBSCRIBE = re.compile(r"(?<!\w)(?:подписывайтесь|подписы�
 # a line that is only a link label or a menu entry once the link is gone ("👉 Читать", "🔗 Зеркало")
 _LABEL_LINE = re.compile(_LEAD + r"(?:читать|зеркало|смотреть|слушать|перейти|скачать|github|источник|ссылка|"
                          r"оригинал|подробности|playground|youtube|vk|вконтакте|telegram|телеграм|дзен|главная|войти|регистрация|поиск|"
-                         r"меню|наверх|назад|вперёд|вперед|отправить|закрыть|принять|ок|ok|facebook|instagram|twitter|live)[^\w]{0,6}$", re.I)
+                         r"меню|наверх|назад|вперёд|вперед|отправить|закрыть|принять|ок|ok|facebook|instagram|"
+                         r"twitter|live)[^\w]{0,6}$", re.I)
 _HASHTAGS = re.compile(r"^(?:#\w+[\s,.]*)+$")
 # Instagram embed residue: "Публикация от <name> ()" and its "Июн 17 2017 в 1:05 PDT" line
-_EMBED_RESIDUE = re.compile(r"^(?:Публикация от|A post shared by) .{0,100}$|^\w{3} \d{1,2},? \d{4} (?:в|at) \d{1,2}:\d{2} P[DS]T$")
+_EMBED_RESIDUE = re.compile(r"^(?:Публикация от|A post shared by) .{0,100}$"
+                            r"|^\w{3} \d{1,2},? \d{4} (?:в|at) \d{1,2}:\d{2} P[DS]T$")
 # inline player and embed scripts (jwplayer, playbuzz, Twitter/Facebook widgets) left in scraped news
 _SCRIPT_LINE = re.compile(r"jwplayer|playbuzz|\bfunction\s*\(|\bwindow\.|\bdocument\.|getElementById|"
-                          r"encodeURIComponent|\.setup\(|^\s*(?:return|var|if\s*\()[^а-яё]*$|^[^а-яё]*(?:[{}]|\);|=\s*[\"'(\[{])[^а-яё]*$", re.I)
+                          r"encodeURIComponent|\.setup\(|^\s*(?:return|var|if\s*\()[^а-яё]*$|"
+                          r"^[^а-яё]*(?:[{}]|\);|=\s*[\"'(\[{])[^а-яё]*$", re.I)
 
 
 def _drop_line(line: str) -> bool:
@@ -256,11 +261,11 @@ def doc_filter(text: str, role: str = "web", cfg: CleanConfig | None = None) -> 
             return "not_russian"
         if is_doubtful(prose, n_cyr, cfg) and not is_russian(prose, cfg):
             return "not_russian"
-    lines = [l for l in text.split("\n") if l.strip()]
+    lines = [ln for ln in text.split("\n") if ln.strip()]
     if "repetition" not in skip:
         if "\n" in prose:
             prose = prose.split("\n", 1)[1]  # a headline echoed by the lead is not repetition
-        if repetitive(prose, _WORD.findall(prose), [l for l in prose.split("\n") if l.strip()], cfg):
+        if repetitive(prose, _WORD.findall(prose), [ln for ln in prose.split("\n") if ln.strip()], cfg):
             return "repetition"
     if role not in cfg.quality_roles:
         return None
@@ -272,10 +277,11 @@ def doc_filter(text: str, role: str = "web", cfg: CleanConfig | None = None) -> 
     lo = cfg.short_min_mean_word_len if short else cfg.min_mean_word_len
     if "word_length" not in skip and not lo <= mean_len <= cfg.max_mean_word_len:
         return "word_length"
-    if "dup_lines" not in skip and len(lines) > 1 and (len(lines) - len(set(lines))) / len(lines) > cfg.max_dup_line_frac:
+    if "dup_lines" not in skip and len(lines) > 1 and \
+            (len(lines) - len(set(lines))) / len(lines) > cfg.max_dup_line_frac:
         return "dup_lines"
     if "line_punct" not in skip and len(lines) > 1 and \
-            sum(1 for l in lines if _ends_line(l)) / len(lines) < cfg.min_line_punct:
+            sum(1 for ln in lines if _ends_line(ln)) / len(lines) < cfg.min_line_punct:
         return "line_punct"
     if "newline_ratio" not in skip and (len(lines) - 1) / max(len(words), 1) > cfg.max_newline_ratio:
         return "newline_ratio"

@@ -239,7 +239,8 @@ def dedup_all(cfg: DataConfig, filtered: dict, out_dir: Path, log=print) -> dict
         path = out_dir / "filtered" / f"{s}.npz"
         try:
             with np.load(path) as z:
-                keys.append(z["keys"]); sigs.append(z["sigs"])
+                keys.append(z["keys"])
+                sigs.append(z["sigs"])
         except (OSError, ValueError, EOFError, KeyError) as e:
             raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e}); delete it and rerun") from e
         owner += [(s, i) for i in range(len(keys[-1]))]
@@ -349,9 +350,11 @@ def prepare(cfg: DataConfig, clean_dir: Path, log=print) -> dict:
     log(f"dedup: {sum(len(v) for r in dd['removed'].values() for v in r.values())} of {dd['n_docs']} documents removed")
     t2 = time.time()
     meta = split_all(cfg, filtered, dd, clean_dir, log)
-    log("split: " + ", ".join(f"{sp} {sum(c['docs'] for c in meta['counts'][sp].values())} docs" for sp in split.SPLITS))
+    log("split: " + ", ".join(f"{sp} {sum(c['docs'] for c in meta['counts'][sp].values())} docs"
+                              for sp in split.SPLITS))
     return {"filtered": filtered, "dedup": dd, "split": meta,
-            "wall_seconds": {"filter": round(t1 - t0, 2), "dedup": round(t2 - t1, 2), "split": round(time.time() - t2, 2)}}
+            "wall_seconds": {"filter": round(t1 - t0, 2), "dedup": round(t2 - t1, 2),
+                             "split": round(time.time() - t2, 2)}}
 
 
 def iter_split(clean_dir, split_name: str, sources_=None):

@@ -26,12 +26,16 @@ KINDS = ("footer", "credit", "html", "url", "email_phone", "mojibake", "repeated
 _FOOTER = re.compile(r"(?<!\w)(?:подпис(?:ывайтесь|ывайся|аться|ка на)|подпиши(?:тесь|сь)|ставьте лайк|ставь лайк|"
                      r"присл(?:ать|ите) новость|предложить новость|наш (?:канал|телеграм)|читайте нас|читать нас|"
                      r"читайте также|смотрите также|subscribe)(?!\w)", re.I)
-_CREDIT = re.compile(r"(?m)^[^\w]{0,12}(?:©|\([cс]\)|copyright(?!\w)|все права защищены|(?:теги|tags?|метки|фото|источник)\s*:)"
-                     r"|(?:©|\([cс]\))[^\n]{0,40}(?:reuters|ap|afp|тасс|риа|rt|getty|global ?look|wikimedia|shutterstock|"
+_CREDIT = re.compile(r"(?m)^[^\w]{0,12}(?:©|\([cс]\)|copyright(?!\w)|все права защищены|"
+                     r"(?:теги|tags?|метки|фото|источник)\s*:)"
+                     r"|(?:©|\([cс]\))[^\n]{0,40}(?:reuters|ap|afp|тасс|риа|rt|getty|global ?look|wikimedia|"
+                     r"shutterstock|"
                      r"pixabay|sputnik|пресс-служба|кадр)(?!\w)", re.I)
-_HTML = re.compile(r"</?[a-zA-Z][a-zA-Z0-9]{0,15}(?:\s[^<>\n]{0,200})?/?>|<![^<>\n]{0,200}>|&(?:#\d{2,6}|#x[0-9a-f]{2,5}|[a-z]{2,8});",
+_HTML = re.compile(r"</?[a-zA-Z][a-zA-Z0-9]{0,15}(?:\s[^<>\n]{0,200})?/?>|<![^<>\n]{0,200}>"
+                   r"|&(?:#\d{2,6}|#x[0-9a-f]{2,5}|[a-z]{2,8});",
                    re.I)
-_URL = re.compile(r"https?://|ftp://|(?<!\w)www\.|(?<![\w@])(?:[\w-]+\.)+(?:com|ru|org|net|me|ly|io|su|info|tv|рф)/", re.I)
+_URL = re.compile(r"https?://|ftp://|(?<!\w)www\.|(?<![\w@])(?:[\w-]+\.)+(?:com|ru|org|net|me|ly|io|su|info|tv|рф)/",
+                  re.I)
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
 _PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}|8)[\s(-]{0,2}\d{3}[\s)-]{0,2}\d{2,3}[\s-]?\d{2}[\s-]?\d{2}(?!\d)"
                     r"|(?<!\d)\(\d{3,5}\)\s?\d{1,3}-\d{2}-\d{2}(?!\d)")
@@ -48,7 +52,7 @@ def scan(text: str) -> set[str]:
     if "`" in text:
         text = _CODE.sub(" ", text)
     found = set()
-    if _FOOTER.search(text) and any(_FOOTER.search(l) and len(l.split()) <= 10 for l in text.split("\n")):
+    if _FOOTER.search(text) and any(_FOOTER.search(ln) and len(ln.split()) <= 10 for ln in text.split("\n")):
         found.add("footer")
     if _CREDIT.search(text):
         found.add("credit")
@@ -60,7 +64,7 @@ def scan(text: str) -> set[str]:
         found.add("email_phone")
     if _MOJIBAKE.search(text):
         found.add("mojibake")
-    lines = [l for l in text.split("\n") if l.count(" ") >= 4]
+    lines = [ln for ln in text.split("\n") if ln.count(" ") >= 4]
     if len(lines) > 3:
         top = Counter(lines).most_common(1)[0][1]
         if top > 3 and top >= 0.01 * text.count("\n"):
@@ -71,7 +75,7 @@ def scan(text: str) -> set[str]:
 def first_line(text: str, kind: str) -> str:
     """The first offending line of a kind, for the audit's examples."""
     if kind == "repeated_line":
-        lines = [l for l in text.split("\n") if l.count(" ") >= 4]
+        lines = [ln for ln in text.split("\n") if ln.count(" ") >= 4]
         return Counter(lines).most_common(1)[0][0][:200] if lines else ""
     for line in text.split("\n"):
         if kind in scan(line):

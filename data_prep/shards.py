@@ -81,7 +81,8 @@ def tokenize_split(clean_dir, split: str, model_path, out_root, cfg: ShardConfig
     src_id = {s: i for i, s in enumerate(names)}
     per = {s: {"docs": 0, "bytes": 0, "tokens": 0} for s in names}  # tokens without the [bos]
     cpu, t0 = 0.0, time.time()
-    with ShardWriter(out_root / split, vocab_size=sp.get_piece_size(), sources=names, shard_tokens=cfg.shard_tokens) as w:
+    with ShardWriter(out_root / split, vocab_size=sp.get_piece_size(), sources=names,
+                     shard_tokens=cfg.shard_tokens) as w:
         tasks = _batches(iter_split(clean_dir, split), cfg.batch_bytes)
         for batch, (ids, c) in stages.ordered_map(pool, _encode_batch_docs, tasks):
             cpu += c
@@ -89,7 +90,9 @@ def tokenize_split(clean_dir, split: str, model_path, out_root, cfg: ShardConfig
                 nb = len(d["text"].encode("utf-8"))
                 w.add(np.concatenate([[sp.bos_id()], x]), source=src_id[d["source"]], nbytes=nb)
                 p = per[d["source"]]
-                p["docs"] += 1; p["bytes"] += nb; p["tokens"] += len(x)
+                p["docs"] += 1
+                p["bytes"] += nb
+                p["tokens"] += len(x)
     meta = {"split": split, "n_tokens": w.n_tokens, "n_docs": w.n_docs, "n_bytes": w.n_bytes, "per_source": per,
             "cpu_seconds": round(cpu, 3), "seconds": round(time.time() - t0, 2)}
     files = [f"{sh['name']}{ext}" for sh in w.shards for ext in (".bin", ".idx.npz")] + ["meta.json"]

@@ -97,7 +97,8 @@ def route_shards(router, shards: TokenShards, out_root, assign: np.ndarray | Non
     paths = [out_root / f"expert_{e:03d}" for e in range(E)]
     key = {"router": router.fingerprint(), "n_experts": E, "source": str(Path(shards.root).resolve()),
            "n_docs": shards.n_docs, "n_tokens": shards.n_tokens,
-           "assign": None if assign is None else hashlib.sha256(np.asarray(assign, np.int64).tobytes()).hexdigest()[:16]}
+           "assign": None if assign is None
+           else hashlib.sha256(np.asarray(assign, np.int64).tobytes()).hexdigest()[:16]}
     manifest = out_root / "route.json"
     if manifest.is_file() and json.loads(manifest.read_text()).get("key") == key and all(map(is_complete, paths)):
         return paths
@@ -106,7 +107,8 @@ def route_shards(router, shards: TokenShards, out_root, assign: np.ndarray | Non
     rows = labels.reshape(len(labels), -1)  # a document goes to every expert of its row
     per = max(2 ** 20, min(SHARD_TOKENS, ram_tokens // E))
     with ExitStack() as stack:
-        writers = [stack.enter_context(ShardWriter(p, shards.vocab_size, shards.sources, shard_tokens=per)) for p in paths]
+        writers = [stack.enter_context(ShardWriter(p, shards.vocab_size, shards.sources, shard_tokens=per))
+                   for p in paths]
         for i in range(shards.n_docs):
             doc = shards.doc(i)
             for e in rows[i][rows[i] >= 0]:

@@ -90,7 +90,8 @@ class TokenShards:
         self.root = Path(root)
         meta_path = self.root / "meta.json"
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{self.root}: no meta.json, so not a finished shard folder (was the writer killed?)")
+            raise FileNotFoundError(f"{self.root}: no meta.json, so not a finished shard folder "
+                                    "(was the writer killed?)")
         try:
             self.meta = json.loads(meta_path.read_text())
         except (OSError, ValueError) as e:
@@ -110,12 +111,15 @@ class TokenShards:
             idx_path = self.root / f"{s['name']}.idx.npz"
             try:
                 with np.load(idx_path) as idx:
-                    offs.append(idx["offsets"]); srcs.append(idx["sources"]); nbs.append(idx["nbytes"])
+                    offs.append(idx["offsets"])
+                    srcs.append(idx["sources"])
+                    nbs.append(idx["nbytes"])
             except (OSError, ValueError, EOFError, KeyError) as e:
                 raise ValueError(f"{idx_path}: missing or damaged document index ({type(e).__name__}: {e}); "
                                  f"rerun 02_tokenizer to rebuild the shards") from e
         # global document table: (shard, start, end) for every document
-        self.doc_shard = np.concatenate([np.full(len(o) - 1, i, np.int32) for i, o in enumerate(offs)]) if offs else np.zeros(0, np.int32)
+        self.doc_shard = (np.concatenate([np.full(len(o) - 1, i, np.int32) for i, o in enumerate(offs)])
+                          if offs else np.zeros(0, np.int32))
         self.doc_start = np.concatenate([o[:-1] for o in offs]) if offs else np.zeros(0, np.int64)
         self.doc_end = np.concatenate([o[1:] for o in offs]) if offs else np.zeros(0, np.int64)
         self.doc_source = np.concatenate(srcs) if srcs else np.zeros(0, np.int16)

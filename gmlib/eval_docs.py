@@ -41,7 +41,8 @@ def docs_from_shards(root, tokenizer, max_docs: int | None = None, max_doc_token
     scored tokens."""
     shards = TokenShards(root)
     n = len(shards)
-    idx = range(n) if max_docs is None or max_docs >= n else np.unique(np.linspace(0, n - 1, max_docs).round().astype(int))
+    idx = (range(n) if max_docs is None or max_docs >= n
+           else np.unique(np.linspace(0, n - 1, max_docs).round().astype(int)))
     bos = tokenizer.bos_id()
     out = []
     for i in idx:

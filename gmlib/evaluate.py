@@ -121,7 +121,8 @@ def _strata(sources: np.ndarray, n_boot: int, seed: int) -> list[tuple[np.ndarra
     out = []
     for j, src in enumerate(sorted(set(sources))):
         idx = np.flatnonzero(sources == src)
-        out.append((idx, bootstrap(lambda w: w, len(idx), n_boot, int(np.random.SeedSequence([seed, j]).generate_state(1)[0]))))
+        out.append((idx, bootstrap(lambda w: w, len(idx), n_boot,
+                                   int(np.random.SeedSequence([seed, j]).generate_state(1)[0]))))
     return out
 
 

@@ -155,7 +155,8 @@ class Tier:
         """A buffer for `nbytes`: a free one that fits, a new one within the budget, or one
         freed by evict(name) of the least recently used entry not in `protect`."""
         if nbytes > self.budget:
-            raise StoreError(f"the {self.name} tier's budget of {self.budget} bytes cannot hold an expert of {nbytes} bytes")
+            raise StoreError(f"the {self.name} tier's budget of {self.budget} bytes cannot hold an expert "
+                             f"of {nbytes} bytes")
         while True:
             fit = [b for b in self.free if fits(b.capacity, nbytes)]
             if fit:  # prefer one that nothing uses any more (a write-back may still be reading one)

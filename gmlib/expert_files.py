@@ -183,4 +183,5 @@ def read_file(path, rec: dict, layout: Layout, target: torch.Tensor | None):
                     raise CorruptFile(path, "ends early (truncated)")
                 crc = zlib.crc32(piece, crc)
     if crc != rec["crc32"]:
-        raise CorruptFile(path, f"checksum mismatch (CRC-32 {crc:08x}, manifest {rec['crc32']:08x}): the file is corrupted")
+        raise CorruptFile(path, f"checksum mismatch (CRC-32 {crc:08x}, manifest {rec['crc32']:08x}): "
+                                "the file is corrupted")

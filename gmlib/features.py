@@ -107,7 +107,8 @@ def csr_matmul(csr, dense: np.ndarray) -> np.ndarray:
     indptr, j, x = csr
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the product below is long-standing
         warnings.simplefilter("ignore", UserWarning)
-        a = torch.sparse_csr_tensor(torch.from_numpy(np.asarray(indptr, np.int64)), torch.from_numpy(np.asarray(j, np.int64)),
+        a = torch.sparse_csr_tensor(torch.from_numpy(np.asarray(indptr, np.int64)),
+                                    torch.from_numpy(np.asarray(j, np.int64)),
                                     torch.from_numpy(np.asarray(x, np.float32)), size=(len(indptr) - 1, dense.shape[0]))
     with torch.no_grad():
         return (a @ torch.from_numpy(np.ascontiguousarray(dense, np.float32))).numpy()

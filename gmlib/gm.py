@@ -212,7 +212,8 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
                 raise ValueError(f"{prev}: unreadable gm config ({e}); use a new out_dir or delete it") from e
             new = _flat(json.loads(json.dumps(cfg.to_dict())))
             dflt = _flat(json.loads(json.dumps(GMConfig().to_dict())))  # a setting newer than the gm: its default
-            if changed := sorted(k for k, v in new.items() if k.split(".")[-1] not in FREE and old.get(k, dflt.get(k)) != v):
+            if changed := sorted(k for k, v in new.items()
+                                 if k.split(".")[-1] not in FREE and old.get(k, dflt.get(k)) != v):
                 raise ValueError(f"{prev}: this gm was made with other {changed}; use a new out_dir")
         atomic.write_json(prev, {"config": cfg.to_dict(), "model_config": asdict(mcfg)})
         if not _round_done(out, 0):
@@ -232,7 +233,8 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
     plan = plan_budget(cfg, tok_step, routed0["tokens"])
     branch, max_steps = plan["branch_step"], plan["max_steps"]
     seed_meta = None
-    if branch and not cfg.seed_from and cfg.train.schedule == "wsd" and branch > stable_until(cfg.train, plan["total_steps"]):
+    if branch and not cfg.seed_from and cfg.train.schedule == "wsd" and \
+            branch > stable_until(cfg.train, plan["total_steps"]):
         raise ValueError(f"GMConfig: the branch step {branch} lies in the twin's decay (from step "
                          f"{stable_until(cfg.train, plan['total_steps'])}); need seed_fraction <= 1 - decay_frac")
     if branch and cfg.train.schedule == "cosine" and cfg.n_experts > 1:
@@ -244,7 +246,8 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
                 import_seed(rk, branch_path(cfg.seed_from, branch), branch, plan["total_steps"], tok_step)
             else:  # the dense twin's own start (gmlib.train.setup): its init, data order and budget
                 rk.phase({SEED: job(rk, train_all, val_all, plan["total_steps"], cfg.seed,
-                                     lambda: fresh_state(mcfg, cfg.seed), stop=branch, keep_optimizer=True)}, {SEED: branch})
+                                     lambda: fresh_state(mcfg, cfg.seed), stop=branch, keep_optimizer=True)},
+                         {SEED: branch})
         _barrier()
         seed_meta = json.loads(rk.record_path(SEED).read_text())
         seed_tensors = rk.store.read(SEED)[0]
@@ -255,7 +258,8 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
         rd = out / "routed" / f"round_{r:03d}"
         jobs = {}
         for e in own:
-            init = (lambda: branch_state(seed_tensors, seed_meta)) if branch else (lambda e=e: fresh_state(mcfg, _seed(cfg.seed, 1, e)))
+            init = ((lambda: branch_state(seed_tensors, seed_meta)) if branch
+                    else (lambda e=e: fresh_state(mcfg, _seed(cfg.seed, 1, e))))
             # expert 0 goes on with the seed's stream of batches (so a one-expert gm IS its dense twin);
             # the others draw their own, so experts that share documents (train_top_r > 1) still differ
             data_seed = seed_meta.get("data_seed", cfg.seed) if branch and e == 0 else _seed(cfg.seed, 2, e)

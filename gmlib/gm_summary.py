@@ -33,16 +33,19 @@ def summarize(cfg, mcfg, out: Path, world_size, plan: dict, seed_meta: dict | No
     records = []
     for e in range(cfg.n_experts):
         m = json.loads((out / "experts" / f"{expert_name(e)}.json").read_text())
-        records.append({"name": expert_name(e), "expert": e, "rank": m["rank"], "pid": m["pid"], "share": float(shares[e]),
-                        "budget_tokens": int(plan["budget_tokens"][e]), "max_steps": max_steps[e], "steps": m["trainer"]["step"],
+        records.append({"name": expert_name(e), "expert": e, "rank": m["rank"], "pid": m["pid"],
+                        "share": float(shares[e]), "budget_tokens": int(plan["budget_tokens"][e]),
+                        "max_steps": max_steps[e], "steps": m["trainer"]["step"],
                         "branch_step": branch, "own_steps": m["trainer"]["step"] - branch,
                         "docs_final": routed["docs"][e], "val_loss_start": m.get("val_loss_start"),
-                        "val_loss": m.get("val_loss"), "accounting": m["accounting"], "history": m["trainer"]["history"]})
+                        "val_loss": m.get("val_loss"), "accounting": m["accounting"],
+                        "history": m["trainer"]["history"]})
     accts = [r["accounting"] for r in records] + ([seed_acct] if seed_acct else [])
     acct = {k: sum(a[k] for a in accts) for k in ADDITIVE}
     acct.update(step=acct["tokens"] // (cfg.train.batch_size * cfg.train.grad_accum * mcfg.seq_len),  # seed's included
                 params=cfg.n_experts * mcfg.n_params, params_per_expert=mcfg.n_params, params_active=mcfg.n_params,
-                flops_per_token=mcfg.flops_per_token(), tokens_per_s=acct["tokens"] / acct["gpu_seconds"] if acct["gpu_seconds"] else 0.0,
+                flops_per_token=mcfg.flops_per_token(),
+                tokens_per_s=acct["tokens"] / acct["gpu_seconds"] if acct["gpu_seconds"] else 0.0,
                 device=accts[0]["device"], seed_run=seed_acct)
     ranks = [json.loads((out / "ranks" / f"rank_{r:03d}.json").read_text()) for r in range(world_size)]
     moved = lambda s: s["bytes_to_dev"] + s["bytes_to_ram"] + s["bytes_to_disk"] + s["bytes_from_disk"]  # noqa: E731
@@ -59,7 +62,8 @@ def summarize(cfg, mcfg, out: Path, world_size, plan: dict, seed_meta: dict | No
         "step": branch, "source": seed_meta.get("source", "trained here"), "val_loss": seed_meta.get("val_loss"),
         "history": seed_meta["trainer"]["history"]}
     return {"format": FORMAT, "config": cfg.to_dict(), "model_config": asdict(mcfg), "router": cfg.router,
-            "schedule": cfg.train.schedule, "seed_fraction": branch / plan["total_steps"], "train_top_r": cfg.train_top_r,
+            "schedule": cfg.train.schedule, "seed_fraction": branch / plan["total_steps"],
+            "train_top_r": cfg.train_top_r,
             "total_steps": plan["total_steps"], "branch_step": branch, "seed": seed,
             "router_path": f"router/round_{final:03d}", "n_experts": cfg.n_experts,
             "experts": [r["name"] for r in records], "world_size": world_size, "shares": [float(s) for s in shares],

@@ -92,8 +92,9 @@ def gpt_config(llama: dict, where="config.json") -> GPTConfig:
                     n_layer=llama["num_hidden_layers"], n_head=h, n_embd=d, rope_base=float(rope["rope_theta"]),
                     activation="swiglu")
     # a width gm would not derive itself is kept explicitly (0 keeps configs equal to gm-trained ones)
-    return cfg if cfg.mlp_width == llama["intermediate_size"] else GPTConfig(**{**asdict(cfg),
-                                                                                 "mlp_hidden": llama["intermediate_size"]})
+    if cfg.mlp_width == llama["intermediate_size"]:
+        return cfg
+    return GPTConfig(**{**asdict(cfg), "mlp_hidden": llama["intermediate_size"]})
 
 
 # ---------------------------------------------------------------- weights

@@ -50,7 +50,8 @@ def exportable(run: str, single: bool = False) -> list[dict]:
     with `single`, only dense models and single experts: what transformers alone can run."""
     models = _summary(run)
     if not models:
-        raise FileNotFoundError(f"{results_dir(run) / 'summary.json'}: missing; run 05_evaluate first, or name the model")
+        raise FileNotFoundError(f"{results_dir(run) / 'summary.json'}: missing; run 05_evaluate first, "
+                                "or name the model")
     out = []
     for name in sorted(models, key=lambda n: models[n]["bpb"]):
         try:
@@ -95,14 +96,16 @@ def model_card(run: str, spec: dict, dtype_name: str) -> str:
     form = "each expert" if spec["kind"] == "gm" else "exported from gm as"
     lines = [f"# {spec['name']} (gm run `{run}`)", "", f"{what}, {form} `LlamaForCausalLM` ({dtype_name}).", "",
              "| | |", "|---|---|",
-             f"| architecture | {cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} heads of {cfg.n_embd // cfg.n_head}, "
-             f"SwiGLU MLP {cfg.mlp_width}, RoPE θ {cfg.rope_base:g}, context {cfg.seq_len}, vocab {cfg.vocab_size}, tied embeddings |"]
+             f"| architecture | {cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} heads of "
+             f"{cfg.n_embd // cfg.n_head}, SwiGLU MLP {cfg.mlp_width}, RoPE θ {cfg.rope_base:g}, "
+             f"context {cfg.seq_len}, vocab {cfg.vocab_size}, tied embeddings |"]
     data = metrics.get("data", {})
     if data:
         lines.append(f"| data | `{data.get('data_name', '?')}`: {data.get('docs_out', '?')} Russian documents, "
                      f"{data.get('bytes_out', 0) / 1e6:.1f} MB cleaned text (gm's data_prep) |")
     if acct:
-        lines.append(f"| compute | {acct.get('tokens', 0):,} training tokens, {acct.get('gpu_seconds', 0):.0f} device-seconds "
+        lines.append(f"| compute | {acct.get('tokens', 0):,} training tokens, "
+                     f"{acct.get('gpu_seconds', 0):.0f} device-seconds "
                      f"on {acct.get('device', '?')}, {acct.get('flops', 0):.3g} FLOPs |")
     if s:
         lines.append(f"| held-out bits per byte (test split, 05_evaluate) | {s['bpb']:.4f} "

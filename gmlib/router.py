@@ -94,7 +94,8 @@ class Router:
         """(n_docs,) expert per document for training: no expert's load (tokens or documents,
         cfg.balance) passes (1 + slack) / E of the total by more than one document; slack=inf
         gives the router's own argmax."""
-        return balanced_assign(self._assign_scores(docs), self.cfg.slack if slack is None else slack, self._weights(docs))
+        return balanced_assign(self._assign_scores(docs), self.cfg.slack if slack is None else slack,
+                               self._weights(docs))
 
     def prefix_scores(self, prefixes) -> np.ndarray:
         """(n, n_experts) the score the training documents were assigned by (`assign` with
@@ -239,7 +240,8 @@ class KMeansRouter(Router):
 
     def scores(self, docs):
         n, _ = doc_getter(docs)
-        return np.concatenate([csr_matmul(self.feat.rows(docs, b), self.centres.T) for b in doc_batches(n, self.cfg.batch_docs)]
+        return np.concatenate([csr_matmul(self.feat.rows(docs, b), self.centres.T)
+                               for b in doc_batches(n, self.cfg.batch_docs)]
                               or [np.zeros((0, self.n_experts), np.float32)])
 
     def _follow(self, docs, labels):

@@ -109,7 +109,8 @@ def compare_routers(assigns: dict, shards: TokenShards, n_experts: int) -> pd.Da
     rows = []
     for name, a in assigns.items():
         s = routing_summary(a, shards, n_experts)
-        rows.append({"router": name, "nmi_source": s["nmi_source"], **{f"tokens_{k}": v for k, v in s["tokens"].items()}})
+        rows.append({"router": name, "nmi_source": s["nmi_source"],
+                     **{f"tokens_{k}": v for k, v in s["tokens"].items()}})
     return pd.DataFrame(rows)
 
 

@@ -34,7 +34,8 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"device={name!r}: not a device name; use 'auto', 'cpu' or 'cuda'") from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            why = "this torch has no CUDA" if torch.version.cuda is None else "no GPU is visible (CUDA_VISIBLE_DEVICES?)"
+            why = ("this torch has no CUDA" if torch.version.cuda is None
+                   else "no GPU is visible (CUDA_VISIBLE_DEVICES?)")
             raise RuntimeError(f"device={name!r} asked for a GPU, but {why}; use device='auto' or 'cpu'")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise RuntimeError(f"device={name!r}: only {torch.cuda.device_count()} GPU(s) visible")

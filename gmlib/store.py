@@ -95,7 +95,8 @@ class ExpertStore(StoreDisk):
         self.cuda = device.type == "cuda"
         if self.cuda and not torch.cuda.is_available():
             raise StoreError(f"device {device} requested but CUDA is not available")
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda and device.index is None else device
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if self.cuda and device.index is None
+                       else device)
         self.pin = self.cuda if pin is None else bool(pin) and self.cuda
         self.keep_versions = max(1, int(keep_versions))
         self.ram = Tier("ram", ram_bytes, self._new_host)
@@ -242,7 +243,8 @@ class ExpertStore(StoreDisk):
         self._poll()
         out = asdict(self.stats)
         out["wait_s"] = self.stats.wait_s
-        out["gb_s"] = (self.stats.bytes_to_dev + self.stats.bytes_to_ram) / self.stats.copy_s / 1e9 if self.stats.copy_s else None
+        out["gb_s"] = ((self.stats.bytes_to_dev + self.stats.bytes_to_ram) / self.stats.copy_s / 1e9
+                       if self.stats.copy_s else None)
         out["used_bytes"] = {"ram": self.ram.used, "dev": self.dev.used}
         return out
 

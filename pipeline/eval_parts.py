@@ -53,7 +53,8 @@ def merge_quality(old: pd.DataFrame, new: pd.DataFrame, source) -> pd.DataFrame:
     same_docs = (a["n_docs"], a["n_bytes"]) == (b["n_docs"], b["n_bytes"])
     if a["model"] != b["model"] or not same_docs or not math.isclose(a["bpb"], b["bpb"], rel_tol=1e-4):
         raise ValueError(f"{source}: the earlier evaluation's reference is {a['model']} (bpb {a['bpb']:.5f} on "
-                         f"{a['n_docs']} documents, {a['n_bytes']} bytes), this one's {b['model']} (bpb {b['bpb']:.5f}, "
+                         f"{a['n_docs']} documents, {a['n_bytes']} bytes), "
+                         f"this one's {b['model']} (bpb {b['bpb']:.5f}, "
                          f"{b['n_docs']} documents, {b['n_bytes']} bytes); give every part the same first dense "
                          "model and documents")
     return pd.concat([new.iloc[:1], merge_rows(old.iloc[1:], new.iloc[1:])], ignore_index=True)

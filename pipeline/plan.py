@@ -144,7 +144,8 @@ def run_plan(plan: dict, slots: list[str], force: bool = False, poll_s: float = 
         for name, job in jobs.items():  # skip what can no longer run
             if status(name) == "pending" and any(status(n) in ("failed", "skipped") for n in job.get("needs", [])):
                 skip(name)
-        ready = [n for n, j in jobs.items() if status(n) == "pending" and all(status(d) == "ok" for d in j.get("needs", []))
+        ready = [n for n, j in jobs.items()
+                 if status(n) == "pending" and all(status(d) == "ok" for d in j.get("needs", []))
                  and all(status(d) in ("ok", "failed", "skipped") for d in j.get("after", []))]
         while ready and free:
             name, slot = ready.pop(0), free.pop(0)

@@ -15,10 +15,13 @@ def metrics_record(quality_df: pd.DataFrame, parus: dict) -> dict:
     for r in quality_df.to_dict("records"):
         models[r["model"]] = {"bpb": r["bpb"], "bpb_ci": [r["bpb_lo"], r["bpb_hi"]],
                               "bpb_macro": r["bpb_macro"], "bpb_macro_ci": [r["bpb_macro_lo"], r["bpb_macro_hi"]],
-                              "ppl_token": r["ppl_token"], "ppl_word": r["ppl_word"], "params_total": int(r["params_total"]),
+                              "ppl_token": r["ppl_token"], "ppl_word": r["ppl_word"],
+                              "params_total": int(r["params_total"]),
                               "params_active": int(r["params_active"]),
-                              "train_gpu_seconds": None if num(r["train_gpu_seconds"]) is None else float(r["train_gpu_seconds"]),
-                              "bpb_delta": {"vs": first, "value": r["bpb_delta"], "ci": [r["bpb_delta_lo"], r["bpb_delta_hi"]]},
+                              "train_gpu_seconds": None if num(r["train_gpu_seconds"]) is None
+                              else float(r["train_gpu_seconds"]),
+                              "bpb_delta": {"vs": first, "value": r["bpb_delta"],
+                                            "ci": [r["bpb_delta_lo"], r["bpb_delta_hi"]]},
                               "bpb_macro_delta": {"vs": first, "value": r["bpb_macro_delta"],
                                                   "ci": [r["bpb_macro_delta_lo"], r["bpb_macro_delta_hi"]]},
                               "n_docs": int(r["n_docs"]), "n_sources": int(r["n_sources"]),
@@ -34,7 +37,8 @@ def summary_record(record: dict, routers: dict, parus_style: str) -> dict:
     out = {}
     for name, m in record["models"].items():
         p = record["parus"].get(name, {}).get(parus_style, {"acc": None, "ci": None})  # an oracle has no PARus
-        out[name] = {"bpb": m["bpb"], "bpb_ci": m["bpb_ci"], "bpb_macro": m["bpb_macro"], "bpb_macro_ci": m["bpb_macro_ci"],
+        out[name] = {"bpb": m["bpb"], "bpb_ci": m["bpb_ci"], "bpb_macro": m["bpb_macro"],
+                     "bpb_macro_ci": m["bpb_macro_ci"],
                      "ppl_word": m["ppl_word"], "parus_acc": p["acc"],
                      "parus_ci": p["ci"], "train_gpu_seconds": m["train_gpu_seconds"],
                      "params_total": m["params_total"], "params_active": m["params_active"],

@@ -147,21 +147,25 @@ def store_lines(offload: dict | None, scale: dict | None) -> list[str]:
         vs = offload.get("overhead_vs_resident")
         copies = f", copies at {offload['copy_gb_s']:.1f} GB/s" if offload.get("copy_gb_s") else ""
         lines.append(f"The gm trainer swapping {offload['experts']} experts of {offload['expert_params'] / 1e6:.0f}M "
-                     f"through a GPU tier of {offload['gpu_slots']}: the GPU waited for experts {offload['overhead_frac']:.2%}"
+                     f"through a GPU tier of {offload['gpu_slots']}: the GPU waited for experts "
+                     f"{offload['overhead_frac']:.2%}"
                      f" of the wall time (from each expert's second segment on; the whole run "
                      f"{offload['overhead_frac_whole']:.2%}){copies}, and its time per step was "
                      + (f"{vs:+.1%} against the same trainer with every expert resident" if vs is not None else
                         "without a resident run to compare") + f" ({offload.get('device', '')}).")
     elif offload:
-        lines.append(f"Swapping {offload['experts']} experts of {offload['expert_params'] / 1e6:.0f}M through a GPU tier "
-                     f"of {offload['gpu_slots']}: the GPU waited {offload['overhead_frac']:.2%} of the wall time, copies ran at "
+        lines.append(f"Swapping {offload['experts']} experts of {offload['expert_params'] / 1e6:.0f}M "
+                     f"through a GPU tier of {offload['gpu_slots']}: the GPU waited {offload['overhead_frac']:.2%} "
+                     f"of the wall time, copies ran at "
                      f"{offload['copy_gb_s']:.1f} GB/s, and the run was {offload['overhead_vs_baseline']:.1%} slower "
                      f"than the same schedule without swapping ({offload.get('device', '')}; the benchmark's own swap "
                      f"loop, not the gm trainer's).")
     if scale:
-        lines.append(f"Parameters trained on one GPU: {scale['total_params'] / 1e9:.2f}B ({scale['experts']} experts of "
+        lines.append(f"Parameters trained on one GPU: {scale['total_params'] / 1e9:.2f}B "
+                     f"({scale['experts']} experts of "
                      f"{scale['expert_params'] / 1e6:.0f}M), {scale['seconds_per_expert']:.2f} s an expert, peak "
-                     f"{scale['peak_gpu_gb'] or 0:.1f} GB GPU, {scale['peak_ram_gb']:.1f} GB RAM, {scale['disk_gb']:.1f} GB disk "
+                     f"{scale['peak_gpu_gb'] or 0:.1f} GB GPU, {scale['peak_ram_gb']:.1f} GB RAM, "
+                     f"{scale['disk_gb']:.1f} GB disk "
                      f"({scale.get('device', '')}).")
     return lines
 
@@ -252,7 +256,9 @@ def read_json(path) -> dict | list | None:
 def finetune_table(path) -> pd.DataFrame | None:
     """06's finetune_table.csv, the columns the report shows; None when fine-tuning did not run."""
     path = Path(path)
-    return pd.read_csv(path)[["model", "subset_kb", "n_seeds", "val_ppl", "val_ppl_std", "val_bpb"]] if path.is_file() else None
+    if not path.is_file():
+        return None
+    return pd.read_csv(path)[["model", "subset_kb", "n_seeds", "val_ppl", "val_ppl_std", "val_bpb"]]
 
 
 def gpu_minutes(cost: pd.DataFrame) -> float:
@@ -264,7 +270,8 @@ def shown_models(heldout: pd.DataFrame, gen_models: list | None) -> list:
     """The models whose generations the report shows: gen_models, or all but the experts alone and the oracles."""
     if gen_models is not None:
         return gen_models
-    return [m for m, k in zip(heldout["model"], heldout["kind"]) if k not in ("gm expert alone", "gm oracle (upper bound)")]
+    return [m for m, k in zip(heldout["model"], heldout["kind"])
+            if k not in ("gm expert alone", "gm oracle (upper bound)")]
 
 
 def bpb_figure(quality: pd.DataFrame, kinds, run_name: str):
@@ -272,8 +279,8 @@ def bpb_figure(quality: pd.DataFrame, kinds, run_name: str):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for k, grp in quality.assign(kind=kinds).groupby("kind", sort=False):
-        ax.errorbar(grp.params_total / 1e6, grp.bpb, yerr=[grp.bpb - grp.bpb_lo, grp.bpb_hi - grp.bpb], fmt="o", capsize=3,
-                    label=k)
+        ax.errorbar(grp.params_total / 1e6, grp.bpb, yerr=[grp.bpb - grp.bpb_lo, grp.bpb_hi - grp.bpb], fmt="o",
+                    capsize=3, label=k)
         for r in grp.itertuples():
             ax.annotate(r.model, (r.params_total / 1e6, r.bpb), textcoords="offset points", xytext=(5, 3), fontsize=7)
     ax.set_xscale("log")
@@ -291,7 +298,8 @@ def document(heldout, verdict_lines, parus_wide, finetune, gen, shown, cost, spe
         section("Held-out quality (test split)", heldout),
         section("Does gm beat dense at equal compute?", verdict_lines or ["no gm mixture in this run"]),
         f"![bits per byte against parameters]({prefix}report_bpb.png)\n",
-        section("The article's Table 2 (its own test set; perplexity, not comparable)", article_table(ARTICLE_PPL, "perplexity")),
+        section("The article's Table 2 (its own test set; perplexity, not comparable)",
+                article_table(ARTICLE_PPL, "perplexity")),
         section("PARus zero-shot (accuracy [95% CI])", parus_wide),
         section("The article's Table 3 (PARus)", article_table(ARTICLE_PARUS, "accuracy")),
     ]

@@ -44,7 +44,8 @@ class RunLog:
         self.t0 = time.time()
 
     def save_params(self, params: dict):
-        atomic.write_text(self.dir / f"{self.stage}.params.yaml", yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
+        atomic.write_text(self.dir / f"{self.stage}.params.yaml",
+                          yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
 
     def save_metrics(self, metrics: dict, nested: tuple = ()) -> dict:
         """Merge `metrics` into metrics.json and stamp the stage. Top-level keys are replaced,

@@ -20,11 +20,14 @@ def diff(old: dict, new: dict) -> str:
         res = v.get("residual", {})
         worst = max(res.items(), key=lambda kv: kv[1]) if res else ("", 0.0)
         out.append(f"| {s} | {o['docs_out']:,} → {v['docs_out']:,} | {_pct(v['docs_out'], o['docs_out'])} | "
-                   f"{o['bytes_out'] / 1e6:.2f} → {v['bytes_out'] / 1e6:.2f} | {_pct(v['bytes_out'], o['bytes_out'])} | "
-                   f"{100 * v['docs_out'] / max(v['docs_in'], 1):.1f}% | {f'{worst[1]:.4f} {worst[0]}' if worst[1] else '0'} |")
+                   f"{o['bytes_out'] / 1e6:.2f} → {v['bytes_out'] / 1e6:.2f} | "
+                   f"{_pct(v['bytes_out'], o['bytes_out'])} | "
+                   f"{100 * v['docs_out'] / max(v['docs_in'], 1):.1f}% | "
+                   f"{f'{worst[1]:.4f} {worst[0]}' if worst[1] else '0'} |")
     to, tn = old["totals"], new["totals"]
     out.append(f"| TOTAL | {to['docs_out']:,} → {tn['docs_out']:,} | {_pct(tn['docs_out'], to['docs_out'])} | "
-               f"{to['bytes_out'] / 1e6:.1f} → {tn['bytes_out'] / 1e6:.1f} | {_pct(tn['bytes_out'], to['bytes_out'])} | "
+               f"{to['bytes_out'] / 1e6:.1f} → {tn['bytes_out'] / 1e6:.1f} | "
+               f"{_pct(tn['bytes_out'], to['bytes_out'])} | "
                f"{100 * tn['docs_out'] / max(tn['docs_in'], 1):.1f}% | |")
     out += ["", "| split | docs (old → new) | tokens (old → new) | Δ tokens |", "|---|---|---|---|"]
     for sp, v in new["splits"].items():

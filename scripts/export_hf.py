@@ -25,7 +25,8 @@ def main(argv=None):
     ap.add_argument("model", help='a model name of the run, or "best"')
     ap.add_argument("out", type=Path, help="the folder to write")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--k", type=int, default=None, help="a whole gm's mixture top-k (default: the name's -k<k>, else 2)")
+    ap.add_argument("--k", type=int, default=None,
+                    help="a whole gm's mixture top-k (default: the name's -k<k>, else 2)")
     args = ap.parse_args(argv)
     try:
         spec = publish.export(args.run, args.model, args.out, args.dtype, args.k)

@@ -18,7 +18,8 @@ from pipeline.plan import command, gpu_slots, load_plan, run_plan  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__ + "\n" + plan_format.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__ + "\n" + plan_format.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("plan", type=Path, nargs="+", help="plan files, run one after the other")
     ap.add_argument("--gpus", nargs="*", help="GPU indices to use (default: all visible; none: the CPU)")
     ap.add_argument("--force", action="store_true", help="run again the jobs that already succeeded")
@@ -32,7 +33,8 @@ def main(argv=None):
         for plan in plans:
             for job in plan["jobs"]:
                 after = f"  after {job['after']}" if job.get("after") else ""
-                print(f"{job['name']}: {shlex.join(command(job, plan['run_name']))}  needs {job.get('needs', [])}{after}")
+                print(f"{job['name']}: {shlex.join(command(job, plan['run_name']))}  "
+                      f"needs {job.get('needs', [])}{after}")
         return
     bad = []
     for plan in plans:  # a plan whose jobs failed does not stop the next one

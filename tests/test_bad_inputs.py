@@ -138,7 +138,8 @@ def test_runner_passes_each_name_only_where_declared(tmp_path):
     assert all("run_name" in d for d in declared.values())
     file_params = {"max_steps": 5, "vocab_size": 3000}
     assert rn.notebook_params(nb[0], "r", None, file_params, {}) == {"run_name": "r"}
-    with pytest.raises(SystemExit, match="'lr' is declared by none of the selected notebooks \\(01_data, 02_tokenizer\\); "
+    with pytest.raises(SystemExit, match="'lr' is declared by none of the selected notebooks "
+                                         "\\(01_data, 02_tokenizer\\); "
                                          "it is a parameter of 03_train_dense, 04_train_gm"):
         rn.check_shared(nb[:2], {"lr": 1e-3}, "-p", nb)
 
@@ -159,5 +160,6 @@ def test_training_clears_a_killed_save(tmp_path):
 def test_per_source_cleaning_settings_are_checked_too():
     from data_prep.prepare import DataConfig
     cfg = DataConfig(sources=["wiki_leipzig"], source_rules={"wiki_leipzig": {"min_line_punct": 2.0}})
-    with pytest.raises(ValueError, match=r"DataConfig.source_rules.wiki_leipzig.min_line_punct=2.0: must be a fraction"):
+    with pytest.raises(ValueError,
+                       match=r"DataConfig.source_rules.wiki_leipzig.min_line_punct=2.0: must be a fraction"):
         cfg.validate()

@@ -23,7 +23,8 @@ def test_html_markup_urls_mentions_are_stripped():
 
 
 def test_markdown_asciidoc_wiki_markers():
-    raw = "**Жирный** и __курсив__ и [ссылка](http://x.ru)\n[source,console]\n----\n== Заголовок\nТекст[1] с ((( индекс ))) сноской[12]."
+    raw = ("**Жирный** и __курсив__ и [ссылка](http://x.ru)\n[source,console]\n----\n== Заголовок\n"
+           "Текст[1] с ((( индекс ))) сноской[12].")
     text, removed = clean_text(raw)
     assert text == "Жирный и курсив и ссылка\nЗаголовок\nТекст с сноской."
     assert removed == 2  # the [source,console] and ---- lines
@@ -36,8 +37,10 @@ def test_boilerplate_and_letterless_lines_are_dropped():
 
 
 def test_unwrap_joins_hard_wrapped_lines_only():
-    wrapped = "Это очень длинная строка текста, которая была перенесена\nпосреди предложения, как в pdf2text, и пере-\nнос слова тоже."
-    assert clean_text(wrapped)[0] == "Это очень длинная строка текста, которая была перенесена посреди предложения, как в pdf2text, и перенос слова тоже."
+    wrapped = ("Это очень длинная строка текста, которая была перенесена\n"
+               "посреди предложения, как в pdf2text, и пере-\nнос слова тоже.")
+    assert clean_text(wrapped)[0] == ("Это очень длинная строка текста, которая была перенесена "
+                                      "посреди предложения, как в pdf2text, и перенос слова тоже.")
     verse = "Мороз и солнце; день чудесный!\nЕще ты дремлешь, друг прелестный"
     assert clean_text(verse)[0] == verse  # ends with punctuation / next starts upper case: kept
 

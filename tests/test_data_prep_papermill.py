@@ -1,9 +1,6 @@
 """Notebook 01 (and 02) run through papermill with injected parameters into a temporary
 results/work folder; a misspelt parameter name fails instead of being silently ignored."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -38,7 +35,8 @@ def test_01_and_02_with_injected_parameters(env):
     assert (env / "work" / "pmdata" / "clean" / "meta.json").is_file()
     assert (res / "audit.png").is_file() and (res / "audit_sources.csv").is_file()
     assert (res / "01_data.params.yaml").read_text().count("pmdata") == 1
-    _run("02_tokenizer.ipynb", env / "02.ipynb", run_name="pm", data_name="pmdata", vocab_size=500, workers=1, num_threads=1)
+    _run("02_tokenizer.ipynb", env / "02.ipynb", run_name="pm", data_name="pmdata", vocab_size=500,
+         workers=1, num_threads=1)
     A = json.loads((res / "audit.json").read_text())
     assert all(A["tokens"][s] > 0 for s in ("train", "val", "test"))
     assert A["throughput_mb_s_per_core"]["tokenization"] > 0 and A["throughput_mb_s_per_core"]["cleaning"] > 0

@@ -4,7 +4,6 @@ import gzip
 import json
 import os
 
-import numpy as np
 import pytest
 
 from data_prep import audit, prepare, shards, tokenizer
@@ -107,7 +106,8 @@ def test_output_does_not_depend_on_worker_count(corpus, tmp_path):
     prepare.prepare(cfg, tmp_path / "w2", log=lambda *a: None)
     for sp in ("train", "val", "test"):
         for s in USED:
-            assert (tmp_path / "w1" / sp / f"{s}.jsonl").read_bytes() == (tmp_path / "w2" / sp / f"{s}.jsonl").read_bytes()
+            assert ((tmp_path / "w1" / sp / f"{s}.jsonl").read_bytes()
+                    == (tmp_path / "w2" / sp / f"{s}.jsonl").read_bytes())
 
 
 def test_weights_repeat_and_thin_training_documents(corpus, tmp_path):
@@ -136,7 +136,8 @@ def test_tokenizer_and_shards(corpus, tmp_path):
         docs = list(prepare.iter_split(d, split))
         ts = TokenShards(tmp_path / "shards" / split)
         assert ts.n_docs == len(docs) == sh[split]["n_docs"]
-        assert ts.n_tokens == sh[split]["n_tokens"] == len(docs) + sum(v["tokens"] for v in sh[split]["per_source"].values())
+        assert ts.n_tokens == sh[split]["n_tokens"] == \
+            len(docs) + sum(v["tokens"] for v in sh[split]["per_source"].values())
         for i in (0, len(docs) - 1):
             assert sp.decode(ts.doc(i)[1:].tolist()) == docs[i]["text"]
             assert ts.sources[ts.doc_source[i]] == docs[i]["source"]
@@ -155,7 +156,8 @@ def test_clean_record_is_the_filter_stages_rule():
     # 05_evaluate cleans an outside corpus with it: clean_text, then doc_filter with the source's role
     from data_prep import clean
     good = "Это обычный русский текст о погоде. " * 20
-    for rec in ({"text": good, "source": "news_rt"}, {"text": good}, {"text": "too short"}, {"text": "<p>" + good + "</p>"}):
+    for rec in ({"text": good, "source": "news_rt"}, {"text": good}, {"text": "too short"},
+                {"text": "<p>" + good + "</p>"}):
         role = SOURCES[rec["source"]].role if rec.get("source") in SOURCES else "web"
         text, _ = clean.clean_text(rec["text"])
         assert prepare.clean_record(rec) == (text if clean.doc_filter(text, role) is None else None)

@@ -41,7 +41,8 @@ class Fixed:
 def two_source_docs():
     # source a: two documents of 10 and 30 bytes; source b: one document of 100 bytes
     toks = np.array([1, 2, 3])
-    return [eval_docs.EvalDoc(toks, 10, 2, "a"), eval_docs.EvalDoc(toks, 30, 5, "a"), eval_docs.EvalDoc(toks, 100, 9, "b")]
+    return [eval_docs.EvalDoc(toks, 10, 2, "a"), eval_docs.EvalDoc(toks, 30, 5, "a"),
+            eval_docs.EvalDoc(toks, 100, 9, "b")]
 
 
 def test_macro_bpb_on_two_sources_equals_the_hand_computation():
@@ -63,7 +64,8 @@ def test_macro_bpb_on_two_sources_equals_the_hand_computation():
     assert st.loc[("m", "a"), "bpb"] == pytest.approx(1.0) and st.loc[("m", "b"), "bpb"] == pytest.approx(2.0)
     assert st.loc[("m", "b"), "bpb_lo"] == st.loc[("m", "b"), "bpb_hi"] == pytest.approx(2.0)
     rec = records.metrics_record(q.reset_index(), {})
-    assert rec["reference"] == "ref" and rec["models"]["m"]["bpb_macro_ci"] == [q.loc["m", "bpb_macro_lo"], q.loc["m", "bpb_macro_hi"]]
+    assert rec["reference"] == "ref" and \
+        rec["models"]["m"]["bpb_macro_ci"] == [q.loc["m", "bpb_macro_lo"], q.loc["m", "bpb_macro_hi"]]
     assert rec["models"]["m"]["bpb_macro_delta"]["vs"] == "ref" and rec["models"]["m"]["max_doc_tokens"] is None
 
 
@@ -85,7 +87,8 @@ def test_doc_table_sums_to_micro_and_the_cap_is_the_same_for_every_model(tmp_pat
     tok = CharTok()
     texts = ["мама мыла раму и пела весь день." * 2, "кот спит.", "дождь идёт всю ночь и весь день без конца."]
     path = tmp_path / "c.jsonl"
-    path.write_text("".join(f'{{"text": "{t}", "source": "s{i % 2}"}}\n' for i, t in enumerate(texts)), encoding="utf-8")
+    path.write_text("".join(f'{{"text": "{t}", "source": "s{i % 2}"}}\n' for i, t in enumerate(texts)),
+                    encoding="utf-8")
     docs = eval_docs.docs_from_jsonl(path, tok, max_doc_tokens=20)
     assert [len(d.tokens) - 1 for d in docs] == [20, 9, 20]            # capped, the short one whole
     assert docs[0].nbytes == len(texts[0][:20].encode()) and docs[1].nbytes == len(texts[1].encode())

@@ -55,7 +55,8 @@ def test_rows_and_texts_merge_with_the_new_part_winning():
     old = pd.DataFrame({"model": ["a", "a", "b"], "style": ["x", "y", "x"], "acc": [0.1, 0.2, 0.3]})
     new = pd.DataFrame({"model": ["b", "c"], "style": ["x", "x"], "acc": [0.9, 0.5]})
     got = eval_parts.merge_rows(old, new)
-    assert got.to_dict("list") == {"model": ["a", "a", "b", "c"], "style": ["x", "y", "x", "x"], "acc": [0.1, 0.2, 0.9, 0.5]}
+    assert got.to_dict("list") == {"model": ["a", "a", "b", "c"], "style": ["x", "y", "x", "x"],
+                                   "acc": [0.1, 0.2, 0.9, 0.5]}
     texts = eval_parts.merge_texts({"p": {"a": "old", "b": "old"}}, {"p": {"b": "new"}, "q": {"b": "new"}})
     assert texts == {"p": {"a": "old", "b": "new"}, "q": {"b": "new"}}
 

@@ -60,7 +60,8 @@ def uniform_gpt(V, seq_len=32):
 
 
 def write_jsonl(path, records, raw_lines=()):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) + "".join(raw_lines), encoding="utf-8")
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) + "".join(raw_lines),
+                    encoding="utf-8")
     return path
 
 
@@ -109,7 +110,9 @@ def test_docs_from_shards_and_from_jsonl(tmp_path):
     with gzip.open(path, "wt", encoding="utf-8") as f:
         for i, t in enumerate(TEXTS):
             f.write(json.dumps({"id": i, "source": "x", "text": "  " + t}, ensure_ascii=False) + "\n")
-    clean = lambda rec: None if rec["id"] == 2 else rec["text"].strip()
+    def clean(rec):
+        return None if rec["id"] == 2 else rec["text"].strip()
+
     docs = eval_docs.docs_from_jsonl(path, tok, clean_fn=clean)
     assert [tok.decode(d.tokens[1:].tolist()) for d in docs] == [TEXTS[0], TEXTS[1], TEXTS[3]]
     assert all(d.tokens[0] == 1 for d in docs)
@@ -140,7 +143,8 @@ def test_parus_prompts():
     ctx, conts = zeroshot.parus_texts(PARUS[1], "connector")
     assert ctx + conts[1] == "Дождь идёт, поэтому улицы мокрые."
     ctx, conts = zeroshot.parus_texts(PARUS[1], "mera")
-    assert "«Дождь идёт.»" in ctx and "следствием" in ctx and ctx.endswith("Ответ:") and conts == [" Кот спит.", " Улицы мокрые."]
+    assert "«Дождь идёт.»" in ctx and "следствием" in ctx and ctx.endswith("Ответ:") and \
+        conts == [" Кот спит.", " Улицы мокрые."]
 
 
 def test_parus_picks_the_more_likely_alternative(tmp_path):
@@ -191,7 +195,8 @@ def test_wilson_interval_textbook_values():
 def test_encode_continuation_falls_back_when_tokens_merge():
     class Merging(CharTokenizer):  # merges "a b" into one token: no boundary at the context's end
         def encode(self, text):
-            return [99 if text[i:i + 3] == "a b" else self.ids.get(c, 0) for i, c in enumerate(text)][:len(text) - 2 * text.count("a b")]
+            return [99 if text[i:i + 3] == "a b" else self.ids.get(c, 0)
+                    for i, c in enumerate(text)][:len(text) - 2 * text.count("a b")]
     tok = Merging(["a b"])
     ctx, cont = zeroshot.encode_continuation(tok, "a", " b")
     assert ctx == tok.encode("a") and cont == tok.encode(" b")
@@ -203,9 +208,9 @@ def test_prompts_are_the_articles():
     article = Path(__file__).resolve().parents[2] / "shared" / "seed" / "article-ru.txt"
     if not article.is_file():
         pytest.skip("the article is not beside the repository")
-    lines = [l for l in article.read_text(encoding="utf-8").splitlines() if l.startswith("Контекст:")]
-    assert any(generation.PROMPT_METHANOL in l and "метанол" in l for l in lines)
-    assert any(generation.PROMPT_SWEETS in l and l.rstrip("*").endswith("сладостями") for l in lines)
+    lines = [ln for ln in article.read_text(encoding="utf-8").splitlines() if ln.startswith("Контекст:")]
+    assert any(generation.PROMPT_METHANOL in ln and "метанол" in ln for ln in lines)
+    assert any(generation.PROMPT_SWEETS in ln and ln.rstrip("*").endswith("сладостями") for ln in lines)
 
 
 def test_load_models_and_one_path_for_all(tmp_path):
@@ -222,7 +227,8 @@ def test_load_models_and_one_path_for_all(tmp_path):
     assert models["d1"].train_gpu_seconds == 11.0 and models["mix-k2"].train_gpu_seconds == 21.0
     assert models["mix-k2"].params_total == 2 * models["d0"].params_total == models["mix-k2"].params_active
     assert models["mix-k1"].params_active == models["d0"].params_total
-    docs = eval_docs.docs_from_jsonl(write_jsonl(tmp_path / "c.jsonl", [{"text": t * 2} for t in TEXTS]), tok)  # > seq_len
+    # > seq_len
+    docs = eval_docs.docs_from_jsonl(write_jsonl(tmp_path / "c.jsonl", [{"text": t * 2} for t in TEXTS]), tok)
     df = ev.quality_table(models, docs, n_boot=50)
     assert df["bpb"][0] == pytest.approx(df["bpb"][2], rel=1e-12)  # k=1 on expert 0 is expert 0
     # paired differences against the first model: zero for itself, the bpb gap for the others

@@ -49,8 +49,9 @@ def test_size_names_a_preset_or_counts_parameters():
 
 def _row(budget, model, kind, bpb_macro, flops, family=""):
     r = {c: np.nan for c in frontier.COLUMNS}
-    r.update(budget=budget, model=model, kind=kind, family=family, bpb_macro=bpb_macro, bpb_macro_ci_lo=bpb_macro - 0.01,
-             bpb_macro_ci_hi=bpb_macro + 0.01, budget_flops_6nd=flops, flops_6nd=flops, delta_macro_vs_best_dense=0.0,
+    r.update(budget=budget, model=model, kind=kind, family=family, bpb_macro=bpb_macro,
+             bpb_macro_ci_lo=bpb_macro - 0.01, bpb_macro_ci_hi=bpb_macro + 0.01, budget_flops_6nd=flops,
+             flops_6nd=flops, delta_macro_vs_best_dense=0.0,
              delta_macro_ci_lo=-0.01, delta_macro_ci_hi=0.01, delta_vs_best_dense=0.0, delta_ci_lo=-0.01,
              delta_ci_hi=0.01, params_active=1)
     return r
@@ -58,8 +59,10 @@ def _row(budget, model, kind, bpb_macro, flops, family=""):
 
 def test_update_replaces_rows_of_the_same_budget_and_model(tmp_path):
     path = tmp_path / "runs.csv"
-    frontier.update(path, pd.DataFrame([_row("B1", "dense", "dense", 1.0, 1e15), _row("B1", "gm", "gm", 1.1, 1e15, "r1")]))
-    df = frontier.update(path, pd.DataFrame([_row("B1", "gm", "gm", 0.9, 1e15, "r1"), _row("B2", "dense", "dense", 0.8, 4e15)]))
+    frontier.update(path, pd.DataFrame([_row("B1", "dense", "dense", 1.0, 1e15),
+                                        _row("B1", "gm", "gm", 1.1, 1e15, "r1")]))
+    df = frontier.update(path, pd.DataFrame([_row("B1", "gm", "gm", 0.9, 1e15, "r1"),
+                                             _row("B2", "dense", "dense", 0.8, 4e15)]))
     assert len(df) == 3 and df.set_index(KEY := ["budget", "model"]).loc[("B1", "gm"), "bpb_macro"] == 0.9
     assert frontier.read(path)[KEY].values.tolist() == [["B1", "dense"], ["B1", "gm"], ["B2", "dense"]]
     best = frontier.best_table(df)

@@ -234,7 +234,8 @@ def test_torchrun_two_processes_train_different_experts(tiny_shards, tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     s = json.loads((out / "gm.json").read_text())
     assert s["world_size"] == 2
-    assert {r["name"]: r["rank"] for r in s["records"]} == {"expert_000": 0, "expert_001": 1, "expert_002": 0, "expert_003": 1}
+    assert {r["name"]: r["rank"] for r in s["records"]} == \
+        {"expert_000": 0, "expert_001": 1, "expert_002": 0, "expert_003": 1}
     pids = {r["rank"]: r["pid"] for r in s["records"]}
     assert pids[0] != pids[1]  # two processes
     assert [r["experts"] for r in s["ranks"]] == [["expert_000", "expert_002"], ["expert_001", "expert_003"]]

@@ -161,7 +161,8 @@ def test_export_script_picks_the_best_exportable_model(tiny_tokenizer_path, tmp_
     acct = {"tokens": 1234, "gpu_seconds": 5.0, "device": "cpu", "flops": 1e9}
     for name, act in [("relu", "relu2"), ("sw", "swiglu")]:
         save_checkpoint(work / "models" / name / "checkpoint.safetensors",
-                        random_gpt(GPTConfig(**{**TINY, "vocab_size": 1000, "activation": act})), meta={"accounting": acct})
+                        random_gpt(GPTConfig(**{**TINY, "vocab_size": 1000, "activation": act})),
+                        meta={"accounting": acct})
     # the ReLU² model scores better but cannot be a Llama: "best" takes the gated one
     summary = {"relu": {"bpb": 1.0, "bpb_ci": [0.9, 1.1], "ppl_word": 50.0},
                "sw": {"bpb": 1.5, "bpb_ci": [1.4, 1.6], "ppl_word": 90.0}}

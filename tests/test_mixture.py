@@ -198,7 +198,8 @@ def test_with_the_projects_router():
     from gmlib.router import make_router
     docs = [doc(100 + i, 30) for i in range(40)]
     router = make_router("local", 3, V, n_features=64, n_units=256, wta_k=16, epochs=1).fit(docs)
-    mix = from_models([expert(s) for s in range(3)], router=router, cfg=MixtureConfig(k=2, reroute_every=8, route_from=4))
+    mix = from_models([expert(s) for s in range(3)], router=router,
+                      cfg=MixtureConfig(k=2, reroute_every=8, route_from=4))
     w = mix.weights(docs[0])
     assert np.allclose(w.sum(0), 1.0) and np.all((w[:, 3:] > 0).sum(0) <= 2)  # from target 4 (prefix of 4 tokens)
     assert np.all(w[:, :3] > 0)

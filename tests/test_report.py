@@ -122,7 +122,8 @@ def test_full_report_strings_findings_between_the_frontier_and_the_experiment(tm
 def test_cost_table_reads_every_stage(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.json").write_text(
-        '{"stages": {"03_train_dense.a": {"device": "NVIDIA H100", "seconds": 330}, "05_evaluate": {"device": "cpu (x)", "seconds": 6}}}')
+        '{"stages": {"03_train_dense.a": {"device": "NVIDIA H100", "seconds": 330}, '
+        '"05_evaluate": {"device": "cpu (x)", "seconds": 6}}}')
     t = report.cost_table([tmp_path / "run" / "metrics.json"])
     assert list(t["stage"]) == ["03_train_dense.a", "05_evaluate"] and list(t["minutes"]) == [5.5, 0.1]
 

@@ -15,7 +15,8 @@ def test_fit_is_cached_per_settings_and_shards(tiny_shards, tmp_path, monkeypatc
     train = TokenShards(tiny_shards / "train")
     r1, a1 = routing_cache.fit("local", 3, train, tmp_path, **SMALL)
     calls = []
-    monkeypatch.setattr(routing_cache, "make_router", lambda *a, **k: calls.append(a) or router_mod.make_router(*a, **k))
+    monkeypatch.setattr(routing_cache, "make_router",
+                        lambda *a, **k: calls.append(a) or router_mod.make_router(*a, **k))
     r2, a2 = routing_cache.fit("local", 3, train, tmp_path, **SMALL)
     assert not calls and r2.fingerprint() == r1.fingerprint() and np.array_equal(a1, a2)  # read, not refitted
     r3, _ = routing_cache.fit("local", 3, train, tmp_path, **{**SMALL, "seed": 4})     # other settings: a new fit

@@ -22,7 +22,8 @@ def job(name, code, needs=()):
     return {"name": name, "command": f"python -c \"{code}\"", "needs": list(needs)}
 
 
-TRACE = ("import os,time,sys; open(os.environ['TRACE'],'a').write('{name} start '+os.environ['CUDA_VISIBLE_DEVICES']+'\\n'); "
+TRACE = ("import os,time,sys; "
+         "open(os.environ['TRACE'],'a').write('{name} start '+os.environ['CUDA_VISIBLE_DEVICES']+'\\n'); "
          "time.sleep({sleep}); "
          "open(os.environ['TRACE'],'a').write('{name} end\\n'); sys.exit({rc})")
 
@@ -67,8 +68,8 @@ def test_failure_skips_dependents_and_rerun_skips_done(env):
                                       traced("d", 0.0, needs=["c"]), {"name": "e", "command": "no-such-program-gm"},
                                       traced("f", 0.0, needs=["e"])]}
     rec = scheduler.run_plan(plan, ["cpu"], poll_s=0.02, log=lambda *_: None)
-    assert {n: j["status"] for n, j in rec["jobs"].items()} == {"a": "failed", "b": "ok", "c": "skipped", "d": "skipped",
-                                                               "e": "failed", "f": "skipped"}
+    assert {n: j["status"] for n, j in rec["jobs"].items()} == {"a": "failed", "b": "ok", "c": "skipped",
+                                                               "d": "skipped", "e": "failed", "f": "skipped"}
     assert "no-such-program-gm" in rec["jobs"]["e"]["reason"]
     assert rec["jobs"]["a"]["rc"] == 3 and "c start" not in "".join(events(env))
     assert events(env)[0] == "a start "  # the CPU slot hides every GPU
@@ -231,7 +232,8 @@ def test_background_start_refuses_a_machine_missing_a_module(tmp_path):
     site.mkdir(parents=True)
     (site / "papermill.py").write_text("raise ImportError('no papermill on this machine')\n")
     (tmp_path / "plan.yaml").write_text("run_name: x\njobs: []\n")
-    p = subprocess.run(["bash", str(REPO / "scripts" / "gpu_machine" / "background_plan.sh"), "start", str(tmp_path / "plan.yaml")],
+    p = subprocess.run(["bash", str(REPO / "scripts" / "gpu_machine" / "background_plan.sh"), "start",
+                        str(tmp_path / "plan.yaml")],
                        env=env, capture_output=True, text=True)
     assert p.returncode == 4 and "missing" in p.stderr and "no papermill" in p.stderr
     assert not (tmp_path / "root" / "plan.pid").exists()
@@ -241,7 +243,8 @@ def test_background_watch_stops_when_the_plan_process_died(tmp_path):
     script = REPO / "scripts" / "gpu_machine" / "background_plan.sh"
     env = _plan_env(tmp_path)
     (tmp_path / "plan.yaml").write_text("run_name: x\njobs: not-a-list\n")   # run_experiment refuses it at once
-    subprocess.run(["bash", str(script), "start", str(tmp_path / "plan.yaml")], env=env, check=True, capture_output=True)
+    subprocess.run(["bash", str(script), "start", str(tmp_path / "plan.yaml")], env=env, check=True,
+                   capture_output=True)
     t0 = time.time()
     p = subprocess.run(["bash", str(script), "watch", "60", str(tmp_path / "out.tgz")], env=env,
                        capture_output=True, text=True)
@@ -287,6 +290,7 @@ def test_background_runs_groups_of_plans_at_the_same_time(tmp_path):
 
 
 def test_background_start_refuses_a_missing_plan(tmp_path):
-    p = subprocess.run(["bash", str(REPO / "scripts" / "gpu_machine" / "background_plan.sh"), "start", str(tmp_path / "nope.yaml")],
+    p = subprocess.run(["bash", str(REPO / "scripts" / "gpu_machine" / "background_plan.sh"), "start",
+                        str(tmp_path / "nope.yaml")],
                        env=_plan_env(tmp_path), capture_output=True, text=True)
     assert p.returncode == 2 and "nope.yaml" in p.stderr

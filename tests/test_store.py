@@ -298,7 +298,8 @@ def test_bf16_weights_only_policy(tmp_path):
     with ExpertStore(tmp_path, ram_bytes=1 << 20, gpu_bytes=1 << 20) as st:
         st.put("e", ref, dtype=torch.bfloat16, keep_optimizer=False)
         st.put("f", ref, dtype=torch.bfloat16)          # optimizer kept, and kept in full precision
-    expect = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in ref.items() if k.startswith("model.")}
+    expect = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v)
+              for k, v in ref.items() if k.startswith("model.")}
     st = ExpertStore(tmp_path, ram_bytes=1 << 20, gpu_bytes=1 << 20)
     got, _ = st.get("e")
     assert_same(got, expect)

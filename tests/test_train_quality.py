@@ -17,7 +17,8 @@ def test_two_variants_on_real_shards(tiny_shards, tmp_path, one_thread):
     recs = {r["variant"]: r for r in json.loads(out.read_text())}
     assert set(recs) == {"tiny-cpu", "tiny-cpu-bf16res-fp8row", "tiny-cpu-swiglu"}
     g = recs["tiny-cpu-swiglu"]  # the gated MLP compares on the same footing
-    assert g["settings"]["activation"] == "swiglu" and g["mlp_width"] == 192 and g["val_curve"][-1][1] < g["val_curve"][0][1]
+    assert g["settings"]["activation"] == "swiglu" and g["mlp_width"] == 192 and \
+        g["val_curve"][-1][1] < g["val_curve"][0][1]
     a, b = recs["tiny-cpu"], recs["tiny-cpu-bf16res-fp8row"]
     assert [s for s, _ in a["val_curve"]] == [6, 12] and a["tokens"] == 12 * 8 * 128
     assert a["val_curve"][-1][1] < a["val_curve"][0][1] and math.isfinite(b["val_loss"])
