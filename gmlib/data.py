@@ -142,10 +142,21 @@ class WindowSampler:
 
     The batch for step k depends only on (seed, k), so a resumed run that restarts at step k
     sees exactly the batches an uninterrupted run would have seen: the sampler's whole state
-    is the step counter. Shards are chosen in proportion to their size."""
+    is the step counter. Shards are chosen in proportion to their size.
 
-    def __init__(self, shards: TokenShards, seq_len: int, batch_size: int, seed: int = 0):
+    Data parallelism: batch_size is the global batch; with world_size > 1 each rank reads only
+    its rows [rank * b, (rank + 1) * b) of it (b = batch_size / world_size). The ranks' rows
+    are disjoint and together exactly the single-process batch, so a data-parallel run sees the
+    same windows as a run on one device."""
+
+    def __init__(self, shards: TokenShards, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        if world_size < 1 or not 0 <= rank < world_size or batch_size % world_size:
+            raise ValueError(f"WindowSampler: rank {rank} of {world_size} needs a batch_size ({batch_size}) "
+                             f"divisible by world_size")
         self.shards, self.seq_len, self.batch_size, self.seed = shards, seq_len, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.local_batch = batch_size // world_size
         sizes = np.array([len(t) for t in shards.tokens], dtype=np.float64)
         self.usable = np.maximum(sizes - seq_len - 1, 0)
         if self.usable.sum() <= 0:
@@ -153,10 +164,12 @@ class WindowSampler:
         self.p = self.usable / self.usable.sum()
 
     def batch(self, step: int):
-        """Return (x, y) as int64 numpy arrays of shape (batch_size, seq_len)."""
+        """Return (x, y) as int64 numpy arrays of shape (local_batch, seq_len): this rank's rows."""
         rng = np.random.default_rng([self.seed, step])
         which = rng.choice(len(self.p), size=self.batch_size, p=self.p)
         starts = (rng.random(self.batch_size) * self.usable[which]).astype(np.int64)
+        mine = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
+        which, starts = which[mine], starts[mine]
         buf = np.stack([np.asarray(self.shards.tokens[w][s:s + self.seq_len + 1], dtype=np.int64)
                         for w, s in zip(which, starts)])
         return buf[:, :-1], buf[:, 1:]

@@ -176,8 +176,9 @@ class GroupTrainer:
         if sync and dev.type == "cuda":
             torch.cuda.synchronize(dev)
         now = time.perf_counter()
-        for t in members:
+        for t in members:  # one device: gpu_seconds (the sum over ranks) is seconds
             t.acct["seconds"] += (now - self._t) / len(members)
+            t.acct["gpu_seconds"] += (now - self._t) / len(members)
         self._t = now
 
     def run(self, steps: list[int]) -> list[dict]:

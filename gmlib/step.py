@@ -10,13 +10,18 @@ not once per segment, and the compiled graph is shared by all of them.
 
 The settings a TrainStep is built with (MACHINE) are fixed for its life; a run whose config
 differs in one of them is a clear error (TrainStep.check), not a silent mix.
+
+Data parallelism (DDP, one process per GPU under torchrun; gloo on a CPU in the tests): a TrainStep
+built with world_size > 1 wraps its model in DistributedDataParallel before compiling it, so the
+backward of a micro-batch averages gradients over the ranks; `sync(False)` holds that back for the
+micro-batches before an optimizer step's last (DDP's no_sync). world_size 1 is the plain model.
 """
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 
-from . import fp8
+from . import distributed, fp8
 
 # TrainConfig fields the machinery is built from: equal for every run that borrows one TrainStep
 MACHINE = ("device", "compile", "compile_mode", "fp8", "fp8_scaling", "bf16_residual", "sdpa", "weight_decay",
@@ -54,11 +59,19 @@ def make_optimizer(model: torch.nn.Module, cfg, device) -> torch.optim.AdamW:
 class TrainStep:
     """TrainStep(model, cfg, optimizer=None): the model moved to cfg.device and converted (cfg.fp8,
     cfg.bf16_residual), its optimizer (make_optimizer unless given) and its forward (compiled when
-    cfg.compile). cfg is a TrainConfig; only its MACHINE fields are kept."""
+    cfg.compile). cfg is a TrainConfig; only its MACHINE fields are kept. world_size > 1: this process's
+    part of a data-parallel run (under gmlib.distributed.init with as many processes), the model in DDP."""
 
-    def __init__(self, model: torch.nn.Module, cfg, optimizer: torch.optim.Optimizer | None = None):
+    def __init__(self, model: torch.nn.Module, cfg, optimizer: torch.optim.Optimizer | None = None,
+                 world_size: int = 1):
         self.settings = {k: getattr(cfg, k) for k in MACHINE}
-        self.device = resolve_device(cfg.device)
+        self.world_size = world_size
+        if world_size > 1 and distributed.world_size() != world_size:
+            raise RuntimeError(f"TrainStep: a data-parallel step of {world_size} ranks needs torch.distributed with "
+                               f"as many (gmlib.distributed.init under torchrun); found {distributed.world_size()}")
+        self.device = self._asked = resolve_device(cfg.device)
+        if self.device.type == "cuda" and self.device.index is None and world_size > 1:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (distributed.init)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # any fp32 matmul left outside autocast
             torch.backends.cudnn.allow_tf32 = True
@@ -70,15 +83,25 @@ class TrainStep:
         if cfg.bf16_residual and self.device.type == "cuda":
             self.model.residual_dtype = torch.bfloat16
         self.optimizer = optimizer or make_optimizer(self.model, cfg, self.device)
-        self.forward = torch.compile(self.model, mode=cfg.compile_mode) if cfg.compile else self.model
+        self.ddp = None  # the DDP wrapper: gradients averaged over ranks in backward
+        if world_size > 1:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        fwd = self.ddp or self.model
+        self.forward = torch.compile(fwd, mode=cfg.compile_mode) if cfg.compile else fwd
 
     def check(self, cfg):
         """ValueError unless a run's config `cfg` agrees with the settings this machinery was built with."""
-        own = dict(self.settings, device=self.device)
+        own = dict(self.settings, device=self._asked)
         theirs = {k: resolve_device(cfg.device) if k == "device" else getattr(cfg, k) for k in MACHINE}
         if bad := [k for k in MACHINE if own[k] != theirs[k]]:
             raise ValueError(f"TrainStep: the run's {bad} differ from those this step was built with "
                              f"({ {k: own[k] for k in bad} }); build a TrainStep for them")
+
+    def sync(self, sync: bool = True):
+        """The context of a micro-batch's forward and backward: with sync False a data-parallel step
+        keeps its gradients on this rank (DDP's no_sync) until the optimizer step's last micro-batch."""
+        return nullcontext() if sync or self.ddp is None else self.ddp.no_sync()
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
@@ -119,4 +142,6 @@ class TrainStep:
             with self.autocast():
                 total += self.model(x, y, return_logits=False)[1].float()
         self.model.train(was_training)
+        if sampler.world_size > 1:  # every rank scored its rows of the same batches
+            total = distributed.all_reduce(total, "mean")
         return total.item() / batches

@@ -18,6 +18,15 @@ accounting, history) with checkpoint.state_tensors() / load_state_tensors() for 
 and saved back with `state_dict()`. No files involved.
 gmlib.fused trains several Trainers' models in one batched pass through the public parts of a
 step (start_step, next_batch, finish_step, log): each keeps its own schedule, optimizer and books.
+
+Data parallelism (DDP, one process per GPU under torchrun; gloo on a CPU for the tests): a
+Trainer whose training sampler has world_size > 1 trains on a TrainStep of that world size (its
+model in DistributedDataParallel). The sampler's batch_size stays the global batch and each rank
+reads its own disjoint rows of it, so the run takes the same optimizer steps on the same windows
+as one process would (the same losses and weights, within float noise). Accounting is global:
+tokens (and so 6ND FLOPs) count every rank's windows, gpu_seconds sums every rank's device time.
+Only rank 0 writes checkpoints (branch checkpoints included, at the same global steps); every rank
+resumes from them.
 """
 import base64
 import math
@@ -29,7 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import atomic, checkpoint, fp8
+from . import atomic, checkpoint, distributed, fp8
 from .data import TokenShards, WindowSampler
 from .model import GPT, GPTConfig
 from .schedule import SCHEDULES, branch_path, branch_step, lr_at, stable_until  # noqa: F401  (train's API)
@@ -94,11 +103,13 @@ HISTORY = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "val_step", "val_l
 @dataclass
 class RunState:
     """What a run has done, JSON-able: the step, the data position (the WindowSampler's batch
-    counter), the accounting (tokens, seconds, eval_seconds) and the history. It travels with a
-    checkpoint or a gm expert's store entry; the machinery (gmlib.step.TrainStep) does not."""
+    counter), the accounting (tokens, seconds, gpu_seconds, eval_seconds) and the history. It travels
+    with a checkpoint or a gm expert's store entry; the machinery (gmlib.step.TrainStep) does not.
+    seconds is this process's device wall time, gpu_seconds the sum over the ranks of a data-parallel
+    run (the same on one device; a state from before data parallelism has seconds only)."""
     step: int = 0
     data_pos: int = 0
-    acct: dict = field(default_factory=lambda: {"tokens": 0, "seconds": 0.0, "eval_seconds": 0.0})
+    acct: dict = field(default_factory=lambda: {"tokens": 0, "seconds": 0.0, "gpu_seconds": 0.0, "eval_seconds": 0.0})
     history: dict = field(default_factory=lambda: {k: [] for k in HISTORY})
 
     def to_dict(self) -> dict:
@@ -107,7 +118,9 @@ class RunState:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunState":
-        return cls(d["step"], d["data_pos"], dict(d["acct"]), {k: list(v) for k, v in d["history"].items()})
+        acct = dict(d["acct"])
+        acct.setdefault("gpu_seconds", acct.get("seconds", 0.0))  # a state from before data parallelism
+        return cls(d["step"], d["data_pos"], acct, {k: list(v) for k, v in d["history"].items()})
 
 
 def _on_state(name: str) -> property:
@@ -130,7 +143,13 @@ class Trainer:
             if optimizer is not None:
                 raise ValueError("Trainer: a TrainStep brings its own optimizer")
             model.check(cfg)
-        self.machine = model if built else TrainStep(model, cfg, optimizer)
+            if model.world_size != train.world_size:
+                raise ValueError(f"Trainer: a TrainStep of {model.world_size} ranks for a sampler of "
+                                 f"{train.world_size}")
+        self.rank, self.world_size = train.rank, train.world_size
+        if self.world_size > 1 and cfg.max_seconds:  # ranks would stop at different steps, and wait forever
+            raise ValueError("Trainer: data parallelism needs a step or token budget (max_seconds unset)")
+        self.machine = model if built else TrainStep(model, cfg, optimizer, world_size=train.world_size)
         self.cfg, self.train_data, self.val_data = cfg, train, val
         self.ckpt_path = Path(ckpt_path) if ckpt_path else None
         self.tokens_per_step = train.batch_size * train.seq_len * cfg.grad_accum
@@ -196,9 +215,11 @@ class Trainer:
     def _train_step(self):
         lr = self.start_step()
         total = 0.0
-        for _ in range(self.cfg.grad_accum):
-            loss = self.machine.loss(*self.next_batch())
-            (loss / self.cfg.grad_accum).backward()
+        for i in range(self.cfg.grad_accum):
+            # DDP averages gradients over ranks once per optimizer step: in the last micro-batch's backward
+            with self.machine.sync(i == self.cfg.grad_accum - 1):
+                loss = self.machine.loss(*self.next_batch())
+                (loss / self.cfg.grad_accum).backward()
             total = total + loss.detach()
         return total / self.cfg.grad_accum, self.finish_step(), lr
 
@@ -208,6 +229,7 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         self.acct["seconds"] += now - self._t
+        self.acct["gpu_seconds"] += distributed.all_sum(now - self._t) if self.world_size > 1 else now - self._t
         self._t = now
 
     def run(self, steps: int | None = None, progress: bool = True, callback=None) -> dict:
@@ -251,7 +273,10 @@ class Trainer:
         """Append one history point for the steps in `pending` ((loss, grad norm, lr) per step, device
         tensors: this is the interval's host sync); FloatingPointError if the loss diverged."""
         losses, norms, lrs = zip(*pending)
-        losses = torch.stack(list(losses)).float().tolist()  # the host sync of this interval
+        losses = torch.stack(list(losses)).float()
+        if self.world_size > 1:  # each rank's loss is the mean over its rows: the global mean is their mean
+            losses = distributed.all_reduce(losses, "mean")
+        losses = losses.tolist()  # the host sync of this interval
         norms = torch.stack(list(norms)).float().tolist()
         loss = sum(losses) / len(losses)
         if not math.isfinite(loss):
@@ -277,16 +302,23 @@ class Trainer:
     # ---- accounting and checkpoints ----
     def accounting(self) -> dict:
         """Compute spent so far: the numbers that make runs compute-matched. `gpu_seconds` is the
-        device wall time of training (compile included, evaluation and checkpoints excluded);
-        flops_6nd uses N = all parameters (tied embedding once); flops uses flops_per_token
-        (6N + attention 12·L·d·T, PaLM)."""
+        device wall time of training (compile included, evaluation and checkpoints excluded),
+        summed over the ranks of a data-parallel run; tokens are every rank's, and tokens_per_s
+        is over wall time (the whole machine's rate); flops_6nd uses N = all parameters (tied
+        embedding once); flops uses flops_per_token (6N + attention 12·L·d·T, PaLM)."""
         n, tokens, secs = self.model.cfg.n_params, self.acct["tokens"], self.acct["seconds"]
-        return {"step": self.step, "tokens": tokens, "gpu_seconds": round(secs, 3),
-                "eval_seconds": round(self.acct["eval_seconds"], 3), "params": n,
-                "flops_6nd": 6 * n * tokens, "flops": self.model.cfg.flops_per_token(self.train_data.seq_len) * tokens,
-                "tokens_per_s": tokens / secs if secs else 0.0, "device": str(self.device)}
+        out = {"step": self.step, "tokens": tokens, "gpu_seconds": round(self.acct["gpu_seconds"], 3),
+               "eval_seconds": round(self.acct["eval_seconds"], 3), "params": n,
+               "flops_6nd": 6 * n * tokens, "flops": self.model.cfg.flops_per_token(self.train_data.seq_len) * tokens,
+               "tokens_per_s": tokens / secs if secs else 0.0, "device": str(self.device)}
+        if self.world_size > 1:
+            out.update(world_size=self.world_size, wall_seconds=round(secs, 3))
+        return out
 
     def save(self, path):
+        """Write a checkpoint at path (rank 0 only: the other ranks of a data-parallel run hold the same state)."""
+        if self.rank != 0:
+            return None
         rng = {"torch": _b64(torch.get_rng_state())}
         if self.device.type == "cuda":
             rng["cuda"] = _b64(torch.cuda.get_rng_state(self.device))
@@ -342,19 +374,23 @@ def check_data(model_cfg: GPTConfig, sampler: WindowSampler, cfg: TrainConfig | 
         raise ValueError(f"sampler batch size {sampler.batch_size} != TrainConfig.batch_size {cfg.batch_size}")
 
 
-def setup(model_cfg: GPTConfig, cfg: TrainConfig, shards_dir, ckpt_path=None, resume: bool = True) -> Trainer:
+def setup(model_cfg: GPTConfig, cfg: TrainConfig, shards_dir, ckpt_path=None, resume: bool = True,
+          rank: int = 0, world_size: int = 1) -> Trainer:
     """A Trainer for a fresh model (seeded by cfg.seed) on shards_dir/{train,val}; resumes from
-    ckpt_path when that file exists and resume is set."""
+    ckpt_path when that file exists and resume is set. rank/world_size > 1: this process's part
+    of a data-parallel run (under gmlib.distributed.init), the same run as one process's."""
     shards_dir = Path(shards_dir)
     train = TokenShards(shards_dir / "train")
     val = TokenShards(shards_dir / "val") if (shards_dir / "val").is_dir() else None
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg)
     T = model_cfg.seq_len
-    tr = Trainer(model, cfg, WindowSampler(train, T, cfg.batch_size, seed=cfg.seed),
-                 WindowSampler(val, T, cfg.batch_size, seed=VAL_SEED) if val else None, ckpt_path=ckpt_path)
-    if ckpt_path:
+    part = {"rank": rank, "world_size": world_size}
+    tr = Trainer(model, cfg, WindowSampler(train, T, cfg.batch_size, seed=cfg.seed, **part),
+                 WindowSampler(val, T, cfg.batch_size, seed=VAL_SEED, **part) if val else None, ckpt_path=ckpt_path)
+    if ckpt_path and rank == 0:
         atomic.remove_stale(Path(ckpt_path).parent, recursive=False)  # a save cut short by a kill
+    distributed.barrier()  # no rank looks for a checkpoint while rank 0 clears stale files
     if resume and ckpt_path and Path(ckpt_path).is_file():
         tr.resume(ckpt_path)
     return tr
