@@ -22,6 +22,15 @@ that job in `needs`. A notebook job may also set parameters of its own over its 
 {seed_fraction: 0.75, train_top_r: 2} passes `-p seed_fraction 0.75 -p train_top_r 2`, so the variants of
 one gm share one params file. Without GPUs the jobs run one at a time on the CPU.
 
+A job may span several GPUs (`nproc: N`): it waits until N GPUs are free (jobs after it in plan
+order do not jump ahead of it), sees those N, and runs through torch.distributed.run with N
+processes, one per GPU. A notebook-03 job runs its command-line twin scripts/train_dense.py (the
+same parameters and record; dense data parallelism, gmlib.train's DDP); a command job runs its
+Python script under torch.distributed.run (scripts/train_gm.py: gm with one rank per GPU, each its
+own experts). Without GPUs the N processes share the CPU (gloo): the rehearsal of a multi-GPU plan.
+Every job is told how many GPUs the machine has (GM_MACHINE_GPUS), so the records it writes name
+the machine (pipeline.runlog.device_name), also for an evaluation that runs on one of them.
+
 The record, results/<run_name>/schedule.json, is rewritten at every start and end: each job's
 command, GPU, start, end, seconds and status; every job's output goes to results/<run_name>/logs/.
 A rerun skips the jobs that already succeeded as they are written now (a job whose entry in the plan
@@ -41,7 +50,8 @@ import yaml
 from gmlib import atomic
 from gmlib.paths import REPO_ROOT as REPO, results_dir
 
-KEYS = {"name", "notebook", "params", "tag", "command", "needs", "after", "params_from", "set"}
+KEYS = {"name", "notebook", "params", "tag", "command", "needs", "after", "params_from", "set", "nproc"}
+TWINS = {"03": "scripts/train_dense.py"}  # the notebooks that have a command line for torch.distributed.run
 
 
 def load_plan(path: Path) -> dict:
@@ -71,6 +81,14 @@ def load_plan(path: Path) -> dict:
             raise ValueError(f"{where}: params_from maps a notebook's parameter to 'model.field' of metrics.json")
         if not isinstance(job.get("set", {}), dict) or ("command" in job and job.get("set")):
             raise ValueError(f"{where}: set maps a notebook's parameter to its value")
+        nproc = job.get("nproc", 1)
+        if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
+            raise ValueError(f"{where}: nproc is a number of processes (GPUs), at least 1")
+        if nproc > 1 and "notebook" in job and str(job["notebook"]) not in TWINS:
+            raise ValueError(f"{where}: nproc > 1 runs a command line under torch.distributed.run; notebook "
+                             f"{job['notebook']} has none (only {sorted(TWINS)}: {sorted(TWINS.values())})")
+        if nproc > 1 and "command" in job and shlex.split(job["command"])[0] not in ("python", "python3"):
+            raise ValueError(f"{where}: nproc > 1 needs a command that runs a Python script (python script.py ...)")
         if both := sorted(set(job.get("set", {})) & set(src)):
             raise ValueError(f"{where}: {both} given by both set and params_from; keep one")
         for key in ("needs", "after"):
@@ -97,16 +115,25 @@ def measured(job: dict, run_name: str) -> dict:
 
 def command(job: dict, run_name: str, values: dict | None = None) -> list[str]:
     """The job's argv; `values` are the params_from parameters (shown as <model.field> when None)."""
+    nproc = job.get("nproc", 1)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     if "command" in job:
         argv = shlex.split(job["command"])
+        if nproc > 1:
+            return launch + argv[1:]
         return [sys.executable if argv[0] in ("python", "python3") else argv[0], *argv[1:]]
-    argv = [sys.executable, str(REPO / "scripts" / "run_notebooks.py"), "--run-name", run_name,
-            "--only", str(job["notebook"]), "-f", str(REPO / job["params"])]
+    if nproc > 1:
+        argv = launch + [str(REPO / TWINS[str(job["notebook"])]), "--run-name", run_name,
+                         "-f", str(REPO / job["params"])]
+    else:
+        argv = [sys.executable, str(REPO / "scripts" / "run_notebooks.py"), "--run-name", run_name,
+                "--only", str(job["notebook"]), "-f", str(REPO / job["params"])]
     for name, value in job.get("set", {}).items():
         argv += ["-p", name, json.dumps(value)]
     for name, src in job.get("params_from", {}).items():
         argv += ["-p", name, json.dumps(values[name]) if values is not None else f"<{src}>"]
-    return argv + (["--tag", job["tag"]] if job.get("tag") else [])
+    # train_dense.py names its record by model_name (what a tag is in every plan); the notebooks take --tag
+    return argv + (["--tag", job["tag"]] if job.get("tag") and nproc == 1 else [])
 
 
 def gpu_slots(gpus) -> list[str]:
@@ -128,6 +155,10 @@ def run_plan(plan: dict, slots: list[str], force: bool = False, poll_s: float = 
         done = not force and old.get(name, {}).get("status") == "ok" and old[name].get("job", job) == job
         rec["jobs"][name] = old[name] if done else {"status": "pending"}
     running, free = {}, list(slots)
+    gpus = [s for s in slots if s != "cpu"]
+
+    def width(name):  # the slots a job takes: its nproc GPUs, or the one CPU slot
+        return jobs[name].get("nproc", 1) if gpus else 1
 
     def save():
         atomic.write_json(path, rec)
@@ -148,15 +179,30 @@ def run_plan(plan: dict, slots: list[str], force: bool = False, poll_s: float = 
                  if status(n) == "pending" and all(status(d) == "ok" for d in j.get("needs", []))
                  and all(status(d) in ("ok", "failed", "skipped") for d in j.get("after", []))]
         while ready and free:
-            name, slot = ready.pop(0), free.pop(0)
-            env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "" if slot == "cpu" else slot}
+            if width(ready[0]) > len(slots):  # can never run here
+                name = ready.pop(0)
+                rec["jobs"][name] = {"status": "failed", "command": shlex.join(command(jobs[name], plan["run_name"])),
+                                     "reason": f"needs {width(name)} GPUs; this machine has {len(gpus)}"}
+                save()
+                log(f"[failed] {name}: needs {width(name)} GPUs")
+                continue
+            if width(ready[0]) > len(free):  # the first in line waits for its GPUs; nothing overtakes it
+                break
+            name = ready.pop(0)
+            taken, free = free[:width(name)], free[width(name):]
+            slot = ",".join(taken)
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "" if slot == "cpu" else slot,
+                   "GM_MACHINE_GPUS": str(len(gpus))}
+            if jobs[name].get("nproc", 1) > 1:  # NCCL without NVLink multicast (the shared hosts' rule)
+                env.setdefault("NCCL_NVLS_ENABLE", "0")
+                env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
             logf = open(out / "logs" / f"{name}.log", "w")
             try:
                 argv = command(jobs[name], plan["run_name"], measured(jobs[name], plan["run_name"]))
                 proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT)
             except (OSError, ValueError) as e:  # a command that does not exist, a measurement missing:
                 logf.close()                    # this job fails, the plan goes on
-                free.insert(0, slot)
+                free = taken + free
                 rec["jobs"][name] = {"status": "failed", "command": shlex.join(command(jobs[name], plan["run_name"])),
                                      "reason": str(e)}
                 save()
@@ -179,7 +225,7 @@ def run_plan(plan: dict, slots: list[str], force: bool = False, poll_s: float = 
                 continue
             logf.close()
             del running[name]
-            free.append(slot)
+            free += slot.split(",")
             rec["jobs"][name].update(status="ok" if proc.returncode == 0 else "failed", rc=proc.returncode,
                                      end=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=round(time.time() - t0, 1))
             save()

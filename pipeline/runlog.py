@@ -8,6 +8,7 @@ a run carries a tag (the model's name): `03_train_dense.<tag>.params.yaml`. Stag
 at the same time (one per GPU), so metrics.json is updated under a file lock."""
 import fcntl
 import json
+import os
 import platform
 import subprocess
 import time
@@ -30,9 +31,12 @@ def git_commit() -> str:
 
 
 def device_name() -> str:
+    """The device this process computes on; on a machine of several GPUs (GM_MACHINE_GPUS, set by
+    the plan runner, pipeline.plan), also the machine, e.g. "NVIDIA H200 (8-GPU machine)"."""
     import torch
     if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
+        n = int(os.environ.get("GM_MACHINE_GPUS") or torch.cuda.device_count())
+        return torch.cuda.get_device_name(0) + (f" ({n}-GPU machine)" if n > 1 else "")
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 

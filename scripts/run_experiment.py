@@ -33,8 +33,9 @@ def main(argv=None):
         for plan in plans:
             for job in plan["jobs"]:
                 after = f"  after {job['after']}" if job.get("after") else ""
+                gpus = f"  on {job['nproc']} GPUs" if job.get("nproc", 1) > 1 else ""
                 print(f"{job['name']}: {shlex.join(command(job, plan['run_name']))}  "
-                      f"needs {job.get('needs', [])}{after}")
+                      f"needs {job.get('needs', [])}{after}{gpus}")
         return
     bad = []
     for plan in plans:  # a plan whose jobs failed does not stop the next one

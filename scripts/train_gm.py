@@ -13,22 +13,21 @@ the dataclass's default, not the notebook cell's demo value; the notebook's othe
 (compare_routers, reuse_routing, resume, cpu_threads) do not apply here. GMConfig's nested form
 (model: {...}, train: {...}) is read too. Each rank trains the experts e with e % world_size == rank
 on its own GPU (LOCAL_RANK); rank 0 fits the router and routes first, and writes <out>/gm.json at the
-end. Rerunning the same command continues a killed run.
+end. Rerunning the same command continues a killed run. A plan job (pipeline.plan, `nproc: N`) runs it
+under torch.distributed.run with the run's names in its params file and -s gm_name=..., so the gm lands
+beside the notebooks' ones, where 05 evaluates it (params/frontier/train_gm_x8.yaml).
 """
 import argparse
 import json
-import os
 import sys
 from datetime import timedelta
 from pathlib import Path
-
-import torch.distributed as dist
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a clone without installing
 
-from gmlib import config, gm  # noqa: E402
+from gmlib import config, distributed, gm  # noqa: E402
 from gmlib.model import GPTConfig  # noqa: E402
 from gmlib.paths import work_dir  # noqa: E402
 from gmlib.train import TrainConfig  # noqa: E402
@@ -56,10 +55,7 @@ def init_distributed() -> tuple[int, int]:
     """(rank, world_size) from torchrun's environment, with a gloo group when world_size > 1. Gloo
     even on GPUs: ranks only wait at barriers (no tensor crosses), gloo's wait needs no GPU, and
     the long timeout lets ranks finish their experts hours apart."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(days=7))
-    return rank, world
+    return distributed.init("gloo", timeout=timedelta(days=7))
 
 
 def main(argv=None):
@@ -79,8 +75,7 @@ def main(argv=None):
     try:
         out = gm.train_gm(cfg, args.data, args.out, rank=rank, world_size=world, verbose=not args.quiet)
     finally:
-        if world > 1:
-            dist.destroy_process_group()
+        distributed.close()
     if rank == 0:
         a, sw = out["accounting"], out["swap"]
         print(json.dumps({"out": str(args.out), "experts": out["n_experts"], "world_size": world,
