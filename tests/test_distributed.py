@@ -119,3 +119,12 @@ def test_ddp_on_two_processes_is_the_one_process_run(syn_shards, tmp_path):
 def test_ddp_needs_a_process_group_and_a_token_budget(syn_shards):
     with pytest.raises(RuntimeError, match="torch.distributed"):
         setup(MODEL, TrainConfig(**TCFG, device="cpu"), syn_shards, rank=0, world_size=2)
+
+
+def test_a_state_from_before_data_parallelism_reads_its_seconds_as_gpu_seconds():
+    from gmlib.train import RunState
+    old = {"step": 3, "data_pos": 3, "acct": {"tokens": 96, "seconds": 1.5, "eval_seconds": 0.25},
+           "history": {"step": [3], "loss": [5.0]}}
+    state = RunState.from_dict(old)
+    assert state.acct == {"tokens": 96, "seconds": 1.5, "gpu_seconds": 1.5, "eval_seconds": 0.25}
+    assert RunState.from_dict(state.to_dict()) == state and RunState().acct["gpu_seconds"] == 0.0
