@@ -14,7 +14,9 @@ gmlib.router.RouterConfig. The random router sees only a keyed hash of the token
 (`hash_uniforms`).
 """
 import hashlib
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -39,6 +41,17 @@ def doc_lengths(docs) -> np.ndarray:
 def doc_batches(n, size):
     for s in range(0, n, size):
         yield np.arange(s, min(n, s + size))
+
+
+def map_batches(fn, batches) -> list:
+    """[fn(b) for b in batches], in order, on up to 8 threads. Each batch is independent and numpy's
+    heavy parts (bincount, argpartition, sort) release the GIL, so this is the loop's result a few times
+    faster: scoring the 197k training documents with the local router is minutes of one core."""
+    workers = min(8, os.cpu_count() or 1)
+    if workers == 1:
+        return [fn(b) for b in batches]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, batches))
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: multiply, keep the top bits

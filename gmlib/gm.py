@@ -223,7 +223,7 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
             elif router.cfg != fresh.cfg:
                 raise ValueError(f"train_gm: the given router's settings {router.cfg} are not this gm's {fresh.cfg}")
             if cfg.train_top_r > 1:  # column 0 is the top-1 assignment a caller may have passed
-                assign = router.assign_top(train_all, cfg.train_top_r)
+                assign = routing_cache.assign_top(router, train_all, cfg.train_top_r, routing)
             _route(router, data_root, out, 0, assign=assign, cache=routing)
     _barrier()
     t0 = time.perf_counter()
@@ -283,7 +283,7 @@ def train_gm(cfg: GMConfig, data_root, out_dir, rank: int = 0, world_size: int =
             router = load_router(out / "router" / f"round_{r:03d}")
             losses = np.stack([np.load(loss_dir / f"{expert_name(e)}.npy") for e in range(cfg.n_experts)], axis=1)
             moved = router.refine(docs, losses)
-            full = router.assign(train_all)
+            full = router.assign(train_all, scores=routing_cache.assign_scores(router, train_all, routing))
             full[sample_idx] = moved
             _route(router, data_root, out, p + 1, assign=full, cache=routing)
         _barrier()

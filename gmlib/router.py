@@ -27,7 +27,7 @@ import numpy as np
 from . import atomic
 from .assign import balanced_assign, balanced_assign_top, route_shards  # noqa: F401  (route_shards: re-exported, part of this API)
 from .features import (Features, FlyHash, csr_group_sums, csr_matmul, csr_row, doc_batches, doc_getter, doc_lengths,
-                       hash_uniforms)
+                       hash_uniforms, map_batches)
 
 
 @dataclass
@@ -90,12 +90,13 @@ class Router:
         """(n_docs, n_experts) float, higher = more suited; the mixture takes softmax(scores / T)."""
         raise NotImplementedError
 
-    def assign(self, docs, slack: float | None = None) -> np.ndarray:
+    def assign(self, docs, slack: float | None = None, scores: np.ndarray | None = None) -> np.ndarray:
         """(n_docs,) expert per document for training: no expert's load (tokens or documents,
         cfg.balance) passes (1 + slack) / E of the total by more than one document; slack=inf
-        gives the router's own argmax."""
-        return balanced_assign(self._assign_scores(docs), self.cfg.slack if slack is None else slack,
-                               self._weights(docs))
+        gives the router's own argmax. scores: assign_scores(docs), when already computed (scoring
+        a corpus is the slow part; gmlib.routing_cache keeps it)."""
+        return balanced_assign(self.assign_scores(docs) if scores is None else scores,
+                               self.cfg.slack if slack is None else slack, self._weights(docs))
 
     def prefix_scores(self, prefixes) -> np.ndarray:
         """(n, n_experts) the score the training documents were assigned by (`assign` with
@@ -103,20 +104,22 @@ class Router:
         prior at inference, features over a window that moves with the prefix. Up to max_tokens
         tokens this is the training score of the prefix exactly."""
         n, get = doc_getter(prefixes)
-        return np.asarray(self._assign_scores([get(i)[-self.cfg.max_tokens:] for i in range(n)]), np.float64)
+        return np.asarray(self.assign_scores([get(i)[-self.cfg.max_tokens:] for i in range(n)]), np.float64)
 
-    def assign_top(self, docs, r: int, slack: float | None = None) -> np.ndarray:
+    def assign_top(self, docs, r: int, slack: float | None = None, scores: np.ndarray | None = None) -> np.ndarray:
         """(n_docs, r): each document to its r best experts, every round balanced like assign()
-        (column 0 is assign()); r >= n_experts: every document to every expert."""
+        (column 0 is assign()); r >= n_experts: every document to every expert. scores: as in assign."""
         if r >= self.n_experts:
             return balanced_assign_top(np.zeros((doc_getter(docs)[0], self.n_experts)), r)
-        return balanced_assign_top(self._assign_scores(docs), r, self.cfg.slack if slack is None else slack,
-                                   self._weights(docs))
+        return balanced_assign_top(self.assign_scores(docs) if scores is None else scores, r,
+                                   self.cfg.slack if slack is None else slack, self._weights(docs))
 
     def _weights(self, docs):
         return doc_lengths(docs) if self.cfg.balance == "tokens" else None
 
-    def _assign_scores(self, docs):
+    def assign_scores(self, docs) -> np.ndarray:
+        """(n_docs, n_experts) what assign and assign_top balance: scores, plus whatever a router adds
+        for training only (the local router's thresholds, the random router's hash)."""
         return self.scores(docs)
 
     def refine(self, docs, losses: np.ndarray, slack: float | None = None) -> np.ndarray:
@@ -188,7 +191,7 @@ class RandomRouter(Router):
     def scores(self, docs):
         return np.zeros((doc_getter(docs)[0], self.n_experts), np.float32)
 
-    def _assign_scores(self, docs):
+    def assign_scores(self, docs):
         return hash_uniforms(docs, self.cfg.seed, self.n_experts)
 
     def prefix_scores(self, prefixes):
@@ -277,8 +280,8 @@ class LocalRouter(Router):
 
     def codes(self, docs, idx=None):
         idx = np.arange(doc_getter(docs)[0]) if idx is None else idx
-        out = [self.fly.codes(self.feat.rows(docs, b)) for b in np.array_split(
-            idx, max(1, math.ceil(len(idx) / self.cfg.batch_docs)))]
+        out = map_batches(lambda b: self.fly.codes(self.feat.rows(docs, b)),
+                          np.array_split(idx, max(1, math.ceil(len(idx) / self.cfg.batch_docs))))
         return np.concatenate(out) if out else np.zeros((0, self.cfg.wta_k), np.int32)
 
     def similarity(self, codes):
@@ -351,10 +354,11 @@ class LocalRouter(Router):
 
     def scores(self, docs):
         n, _ = doc_getter(docs)
-        out = [self.similarity(self.codes(docs, b)) for b in doc_batches(n, self.cfg.batch_docs)]
+        out = map_batches(lambda b: self.similarity(self.fly.codes(self.feat.rows(docs, b))),
+                          doc_batches(n, self.cfg.batch_docs))
         return np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.n_experts), np.float32)
 
-    def _assign_scores(self, docs):
+    def assign_scores(self, docs):
         return self.scores(docs) + self.bias
 
     def _follow(self, docs, labels):

@@ -8,6 +8,9 @@ training shards, and a routing of the router's state and the assignment, so both
 a cache folder (notebook 04 uses work/<data_name>/routing/) and reused:
   routers/<key>/   a fitted router (gmlib.router's folder format) and assign.npy, its balanced
                    top-1 assignment of the training documents; key: the settings and the shards;
+  scores/<key>.npy a router's assign_scores of the training documents (the slow part of assign and
+                   assign_top: a gm with train_top_r > 1 balances them again); key: the router's
+                   fingerprint and the shards;
   routed/<key>/    train/ and val/ routed by a router state and an assignment (gmlib.assign's
                    route_shards, which checks its own key); a gm gets hard links of these files.
 A hit returns exactly what a fresh computation would: the cached router's fingerprint is part of
@@ -46,7 +49,7 @@ def fit(kind: str, n_experts: int, train: TokenShards, cache: Path | None, **cfg
     shards before. cache=None: always fit."""
     def fresh():
         router = make_router(kind, n_experts, train.vocab_size, **cfg).fit(train)
-        return router, router.assign(train)
+        return router, router.assign(train, scores=assign_scores(router, train, cache))
     if cache is None:
         return fresh()
     settings = json.dumps({"kind": kind, "n_experts": n_experts, "cfg": cfg, "shards": shards_key(train),
@@ -61,6 +64,27 @@ def fit(kind: str, n_experts: int, train: TokenShards, cache: Path | None, **cfg
             np.save(f, assign)
         atomic.write_text(d / "settings.json", settings)
         return router, assign
+
+
+def assign_scores(router, shards: TokenShards, cache: Path | None) -> np.ndarray:
+    """router.assign_scores(shards), computed once per (router state, shards) under `cache` (None: always)."""
+    if cache is None:
+        return router.assign_scores(shards)
+    p = Path(cache) / "scores" / f"v{VERSION}-{router.fingerprint()}-{shards_key(shards)}.npy"
+    with atomic.file_lock(p.with_name(p.name + ".lock")):
+        if p.is_file():
+            return np.load(p)
+        scores = np.asarray(router.assign_scores(shards))
+        with atomic.atomic_path(p) as tmp, open(tmp, "wb") as f:
+            np.save(f, scores)
+        return scores
+
+
+def assign_top(router, shards: TokenShards, r: int, cache: Path | None) -> np.ndarray:
+    """router.assign_top(shards, r), its scores through `cache` (assign_scores above)."""
+    if r >= router.n_experts:  # every document to every expert: no scores needed
+        return router.assign_top(shards, r)
+    return router.assign_top(shards, r, scores=assign_scores(router, shards, cache))
 
 
 def _link_tree(src: Path, dst: Path):

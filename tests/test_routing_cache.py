@@ -39,3 +39,18 @@ def test_route_links_the_same_shards_a_direct_routing_writes(tiny_shards, tmp_pa
     # another assignment is another routing
     c = routing_cache.route(rt, train, tmp_path / "gm_c", tmp_path / "cache", assign=(assign + 1) % 3)
     assert not os.path.samefile(c[0] / "meta.json", a[0] / "meta.json")
+
+
+def test_top_r_assignment_scores_the_corpus_once_and_equals_the_router_s(tiny_shards, tmp_path, monkeypatch):
+    train = TokenShards(tiny_shards / "train")
+    rt, top1 = routing_cache.fit("local", 3, train, tmp_path, **SMALL)  # scores the corpus and keeps the scores
+    calls = []
+    real = type(rt).assign_scores
+    monkeypatch.setattr(type(rt), "assign_scores", lambda self, docs: calls.append(1) or real(self, docs))
+    top2 = routing_cache.assign_top(rt, train, 2, tmp_path)
+    assert not calls  # read from the cache the fit filled
+    monkeypatch.undo()
+    assert np.array_equal(top2, rt.assign_top(train, 2)) and np.array_equal(top2[:, 0], top1)
+    other = router_mod.make_router("local", 3, train.vocab_size, **{**SMALL, "seed": 5}).fit(train)
+    assert np.array_equal(routing_cache.assign_top(other, train, 2, tmp_path), other.assign_top(train, 2))
+    assert len(list((tmp_path / "scores").glob("*.npy"))) == 2  # one per router state

@@ -152,6 +152,9 @@ def test_frontier_plans_give_every_model_the_same_compute(tmp_path, budget):
         assert ev["set"]["budget"] == budget and ev["set"]["budget_flops_6nd"] == flops(twin)
         assert "dense30m" in ev["set"]["dense_models"] and (not i or set(ev["set"]["dense_models"]) == dense_names)
         assert not i or (ev["set"]["merge_earlier"] and evals[i - 1]["name"] in ev["after"] and ev["set"]["eval_name"])
+        # 05 refuses experts alone of a gm it does not score (05_evaluate.yaml's default names one gm)
+        eval_file = yaml.safe_load((REPO / ev["params"]).read_text())
+        assert set({**eval_file, **ev["set"]}["gm_experts_alone"]) <= set(ev["set"]["gm_models"]), ev["name"]
     bad = tmp_path / "plan.yaml"
     bad.write_text(yaml.safe_dump({"run_name": "t", "jobs": [{"name": "a", "command": "true", "set": {"x": 1}}]}))
     with pytest.raises(ValueError, match="set maps"):
