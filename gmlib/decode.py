@@ -108,7 +108,8 @@ class Decoder:
         self.w = {name: z(n_models, *p.shape, dtype=p.dtype) for name, p in template.named_parameters()}
         qk = _interleave(self.H, self.D)
         self.qkv_rows = torch.cat([qk, qk + cfg.n_embd, torch.arange(2 * cfg.n_embd, 3 * cfg.n_embd)]).to(self.dev)
-        self.rope = torch.complex(template.rope_cos, template.rope_sin)  # (seq_len, D/2): e^(i·pos·freq)
+        # (seq_len, D/2): e^(i·pos·freq); complex needs fp32 parts, and a bf16 model's buffers upcast exactly
+        self.rope = torch.complex(template.rope_cos.float(), template.rope_sin.float())
         self.act = GATED[cfg.activation] if cfg.gated else ACTIVATIONS[cfg.activation]
         cache = (n_models, batch, self.H, slots, self.D)
         self.k = [z(*cache) for _ in range(cfg.n_layer)]

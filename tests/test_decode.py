@@ -62,6 +62,15 @@ def test_greedy_single_model_equals_the_reference_batched_or_not():
     assert len(set(map(tuple, want))) > 1
 
 
+def test_a_bf16_model_decodes_as_its_reference():
+    """A bf16 model's RoPE buffers are bf16, which torch.complex refuses (the H200 decode bench crashed there);
+    the decoder upcasts them, exactly, and greedy decoding follows the reference generator."""
+    lm = SingleLM(peaked_gpt(3, CFG).to(torch.bfloat16))
+    want = [lm.generate(p, 12, temperature=0.0, engine="reference") for p in PROMPTS]
+    assert lm.generate_many(PROMPTS, 12, temperature=0.0) == want
+    assert len(set(map(tuple, want))) > 1
+
+
 @pytest.mark.parametrize("pool", ["linear", "log-linear"])
 def test_greedy_mixture_equals_the_reference_batched_or_not(pool):
     ms = [peaked_gpt(s, CFG) for s in (10, 11, 12)]

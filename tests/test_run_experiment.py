@@ -123,7 +123,7 @@ def test_committed_plan_is_valid():
     assert cmd[0] == sys.executable and "--tag" in cmd
 
 
-@pytest.mark.parametrize("budget", ["b1", "b2", "b3", "b4"])
+@pytest.mark.parametrize("budget", ["b1", "b2", "b3", "b4", "b4x2"])
 def test_frontier_plans_give_every_model_the_same_compute(tmp_path, budget):
     from gmlib.model import make_config
     plan = scheduler.load_plan(REPO / "params" / "frontier" / f"plan_{budget}.yaml")
