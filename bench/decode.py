@@ -14,7 +14,8 @@ copying the weights into the decoder; the best of `--repeats` calls counts, afte
   eager       k=1, batch 1           gmlib.decode with graphs=False (the graph's share of the gain)
   static      k=1 and k=2, batch B   --batch prompts of --prompt-len/2 .. --prompt-len tokens at once
 tokens_per_s counts new tokens of all rows of the batch; same_tokens_as_reference (batch 1) is how many
-leading tokens equal the reference engine's (all in fp32; bf16 kernels that round apart may split near-ties).
+leading tokens equal the reference engine's (all in fp32; bf16 kernels that round apart may split near-ties);
+split_logit_margin (k=1) is the reference forward's logit gap between the two tokens where they split.
 Greedy: random weights give flat distributions
 whose top-p sort would dominate a tiny model's time, and the sampler is the same host code for both
 engines. Records merge into --out (default results/bench/decode.json), one per (model, k, batch, engine,
@@ -54,6 +55,15 @@ def timed(call, device, repeats):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
     return times[0], min(times[1:]), sorted({str(w.message) for w in caught}), out
+
+
+@torch.no_grad()
+def split_margin(model, context: list[int], want: int, got: int) -> float:
+    """Where a decoder's greedy tokens leave the reference's: the reference forward's logit of the reference's
+    token minus that of the decoder's, after `context`. Near zero (bf16 logits are rounded to about 2^-8 of
+    their size) is a near-tie that two kernel orders may split; a large margin points at a decoder bug."""
+    logits, _ = model(torch.tensor([context], device=next(model.parameters()).device))
+    return float(logits[0, -1, want].float() - logits[0, -1, got].float())
 
 
 def merge(path: Path, rows: list[dict]):
@@ -120,10 +130,12 @@ def main(argv=None):
         # batch 1: how many leading tokens equal the reference's (all of them in fp32; bf16 kernels may round apart)
         same = next((i for i, (a, b) in enumerate(zip(toks[0], ref_toks[k])) if a != b), len(toks[0])) \
             if len(prompts) == 1 else None
+        margin = split_margin(experts[0], prompt + ref_toks[k][:same], ref_toks[k][same], toks[0][same]) \
+            if k == 1 and same is not None and same < len(toks[0]) else None  # the mixture's: not computed
         rows.append({"model": args.size, "k": k, "engine": engine, "batch": len(prompts),
                      "cuda_graph": engine == "static" and device.type == "cuda"
                      and not any("CUDA graph capture failed" in w for w in warned), "warnings": warned,
-                     "same_tokens_as_reference": same,
+                     "same_tokens_as_reference": same, "split_logit_margin": margin,
                      "tokens_per_s": round(len(prompts) * n / best, 2), "seconds": round(best, 4),
                      "first_call_s": round(first, 4), **common})
         print(f"{args.size} k={k} {engine:9s} batch {len(prompts):3d}: {rows[-1]['tokens_per_s']:10.1f} tokens/s "
