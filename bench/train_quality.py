@@ -5,14 +5,15 @@ data order and schedule for each, and compare their validation loss at equal tok
       --shards work/data/shards --steps 600          # on a GPU, about 100 s a variant at 124m
   python bench/train_quality.py tiny-cpu tiny-cpu-bf16res-fp8row --shards work/data/shards --steps 30
   python bench/train_quality.py 124m-b64-relu2-cudnn-h6-bf16res-fp8 124m-b64-swiglu-cudnn-h6-bf16res-fp8 \
-      --shards work/data/shards --steps 600          # the gated MLP against the fastest stack
+      --shards work/data/shards --steps 300          # the gated MLP against the fastest stack
 
 train_speed.py times variants on random tokens, where a loss means nothing; here the same Trainer
 (build_trainer) reads `--shards`/train, validates on the first `--eval-batches` batches of `--shards`/val
 (the same batches for every variant), with warmup then cosine to `--steps`. Every variant starts from
 the same initial weights when the architecture is the same (seed 0); a gated MLP (swiglu) has other
 shapes, so other initial weights from the same seed. Records are merged into --out
-(default results/bench/train_quality.json), one per (config, variant, device).
+(default results/bench/train_quality.json), one per (config, variant, device, steps): a run of
+another length is another measurement and stays beside the first.
 """
 import argparse
 import sys
@@ -21,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_speed import VARIANTS, build_trainer, merge, results_dir  # noqa: E402
+
+QUALITY_KEY = ("config", "variant", "device", "steps")
 
 
 def train_one(name: str, shards: Path, steps: int, eval_every: int, eval_batches: int, lr: float) -> dict:
@@ -65,7 +68,7 @@ def main(argv=None):
         sys.exit(f"unknown variant(s) {unknown}; see train_speed.py --list")
     for name in args.variants:
         rec = train_one(name, args.shards, args.steps, args.eval_every, args.eval_batches, args.lr)
-        merge(args.out, rec)
+        merge(args.out, rec, QUALITY_KEY)
         print(f"-- {name}: val loss {rec['val_loss']:.4f} after {rec['tokens']:,} tokens ({rec['steps']} steps), "
               f"{rec['train_seconds']:.0f} s of training; curve {[round(v, 3) for _, v in rec['val_curve']]}",
               flush=True)

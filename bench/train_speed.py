@@ -211,10 +211,11 @@ def run_child(name: str, shard_dir: Path, seconds: float, timeout: float) -> dic
     return {"variant": name, "status": "oom" if oom else f"error (rc {p.returncode}): {err.strip()[-600:]}"}
 
 
-def merge(path: Path, rec: dict):
+def merge(path: Path, rec: dict, key_fields=("config", "variant", "device")):
+    """Add rec to the records in path, replacing the one of the same measurement (key_fields)."""
     from gmlib import atomic
     records = json.loads(path.read_text()) if path.is_file() else []
-    key = lambda r: (r.get("config"), r.get("variant"), r.get("device"))  # noqa: E731
+    key = lambda r: tuple(r.get(f) for f in key_fields)  # noqa: E731
     records = [r for r in records if key(r) != key(rec)] + [rec]
     atomic.write_json(path, records)
 

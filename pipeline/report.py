@@ -146,10 +146,18 @@ def store_lines(offload: dict | None, scale: dict | None) -> list[str]:
     if offload and offload.get("source") == "gm_trainer":
         vs = offload.get("overhead_vs_resident")
         copies = f", copies at {offload['copy_gb_s']:.1f} GB/s" if offload.get("copy_gb_s") else ""
+        # the wait clock counts the per-segment writeback and the final flush, which a resident run pays too
+        parts = ""
+        if all(k in offload for k in ("fetch_s", "load_s", "writeback_s", "sync_s", "wall_s")):
+            w = offload["wall_s"]
+            parts = (f": fetch and load {(offload['fetch_s'] + offload['load_s']) / w:.2%}, writeback and flush "
+                     f"{(offload['writeback_s'] + offload['sync_s']) / w:.2%}")
+            if "resident_wait_s" in offload:
+                parts += f"; the all-resident run waited {offload['resident_wait_s']:.2f} s"
         lines.append(f"The gm trainer swapping {offload['experts']} experts of {offload['expert_params'] / 1e6:.0f}M "
-                     f"through a GPU tier of {offload['gpu_slots']}: the GPU waited for experts "
+                     f"through a GPU tier of {offload['gpu_slots']}: its wait clock read "
                      f"{offload['overhead_frac']:.2%}"
-                     f" of the wall time (from each expert's second segment on; the whole run "
+                     f" of the wall time (from each expert's second segment on{parts}; the whole run "
                      f"{offload['overhead_frac_whole']:.2%}){copies}, and its time per step was "
                      + (f"{vs:+.1%} against the same trainer with every expert resident" if vs is not None else
                         "without a resident run to compare") + f" ({offload.get('device', '')}).")

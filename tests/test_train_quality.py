@@ -26,3 +26,13 @@ def test_two_variants_on_real_shards(tiny_shards, tmp_path, one_thread):
     assert a["train_curve"][0][1] == pytest.approx(b["train_curve"][0][1], rel=0.01)
     with pytest.raises(SystemExit, match="no such shard folder"):
         tq.main(["tiny-cpu", "--shards", str(tmp_path / "nowhere"), "--out", str(out)])
+
+
+def test_a_run_of_another_length_stays_beside_the_first(tmp_path):
+    tq = load_script("bench/train_quality.py")
+    out = tmp_path / "quality.json"
+    rec = dict(config="124m", variant="v", device="gpu", steps=600, val_loss=4.49)
+    tq.merge(out, rec, tq.QUALITY_KEY)
+    tq.merge(out, dict(rec, steps=300, val_loss=5.15), tq.QUALITY_KEY)
+    tq.merge(out, dict(rec, steps=300, val_loss=5.14), tq.QUALITY_KEY)  # a repeat replaces its own length only
+    assert sorted((r["steps"], r["val_loss"]) for r in json.loads(out.read_text())) == [(300, 5.14), (600, 4.49)]

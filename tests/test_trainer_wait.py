@@ -155,6 +155,16 @@ def test_report_reads_an_offload_record_of_the_old_loop():
     assert "0.87%" in line and "not the gm trainer's" in line
 
 
+
+def test_report_splits_the_trainer_wait_into_swap_and_writeback():
+    # the H200 record's numbers: the wait clock also counts the writeback and flush a resident run pays
+    r = {"source": "gm_trainer", "experts": 8, "expert_params": 110119680, "gpu_slots": 2, "overhead_frac": 0.0509,
+         "overhead_frac_whole": 0.068, "overhead_vs_resident": 0.0016, "wall_s": 52.72, "fetch_s": 0.0576,
+         "load_s": 0.1203, "writeback_s": 1.518, "sync_s": 0.9887, "resident_wait_s": 2.768, "device": "NVIDIA H200"}
+    (line,) = report.store_lines(r, None)
+    assert "read 5.09%" in line and "fetch and load 0.34%" in line and "writeback and flush 4.75%" in line
+    assert "resident run waited 2.77 s" in line and "+0.2% against" in line
+
 def test_fused_groups_keep_the_clock(shards, tmp_path):
     # group_size 2 (gmlib.fused): one clock record per group, its steps summed over its members
     s = gm.train_gm(gm.GMConfig.from_dict({**CFG, "group_size": 2}), shards, tmp_path)
