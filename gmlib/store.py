@@ -53,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from .expert_buffers import Buffer, Entry, Layout, StoreError, Tier, fits, host_buffer, plan
+from .expert_buffers import Buffer, Entry, Layout, StoreError, Tier, host_buffer, plan
 from .expert_buffers import buffer_bytes  # noqa: F401  (part of this module's API)
 from .expert_files import check_meta, check_name
 from .store_disk import CorruptExpertWarning, StoreDisk  # noqa: F401  (CorruptExpertWarning: part of this module's API)
@@ -140,13 +140,13 @@ class ExpertStore(StoreDisk):
                              f"its {layout.total} bytes")
         self._poll()
         old_dev = self.dev.entries.pop(name, None)
-        self.ram.discard(name)  # superseded; a write of it in flight finishes first
+        old_ram = self.ram.discard(name)  # superseded; a write of it in flight finishes first
         slot = None
         if any(t.device == self.device for t in keep.values()):
             slot = self._slot_for_put(old_dev, layout.total)
         elif old_dev is not None:
             self.dev.free.append(old_dev.buf)
-        rbuf = self._ram_alloc(layout.total)
+        rbuf = self._ram_alloc(layout.total, spare=old_ram.buf if old_ram is not None else None)
         with torch.no_grad():
             if slot is not None:  # snapshot on the caller's stream, then slot -> RAM on the side stream
                 if self.cuda and slot.event is not None:
@@ -274,8 +274,8 @@ class ExpertStore(StoreDisk):
         self.stats.allocs["dev"] += 1
         return Buffer(torch.empty(nbytes, dtype=torch.uint8, device=self.device))
 
-    def _ram_alloc(self, nbytes) -> Buffer:
-        buf = self.ram.alloc(nbytes, self._evict_ram)
+    def _ram_alloc(self, nbytes, spare: Buffer | None = None) -> Buffer:
+        buf = self.ram.alloc(nbytes, self._evict_ram, spare=spare)
         buf.wait_all()  # host code may write it next: nothing may still read or fill it
         buf.future = buf.event = None
         return buf
@@ -287,7 +287,9 @@ class ExpertStore(StoreDisk):
         return buf
 
     def _slot_for_put(self, old: Entry | None, nbytes: int) -> Buffer | None:
-        if old is not None and fits(old.buf.capacity, nbytes):
+        # the slot of the version being replaced, even when it is bigger than fits() allows (the last
+        # segment's weights-only version): its bytes are counted already, a new slot would add to them
+        if old is not None and old.buf.capacity >= nbytes:
             old.buf.wait_job()
             old.buf.future = None
             return old.buf

@@ -116,6 +116,29 @@ def test_lru_order_budgets_and_slot_reuse(tmp_path):
     st.close()
 
 
+def test_smaller_last_version_reuses_the_buffers_it_replaces(tmp_path):
+    """The trainer's last segment of an expert stores its weights without the Adam moments: a
+    version under half the size of the one it replaces. It goes into the replaced version's RAM
+    buffer and GPU slot, as a new pinned RAM buffer costs about 0.2 s on the H200 machine."""
+    full = expert(0)
+    last = {k: v for k, v in expert(1).items() if k.startswith("model.")}
+    assert 2 * size_of(last) < size_of(full)  # fits() alone would not reuse the buffer
+    others = {n: expert(i) for i, n in enumerate("ab", start=2)}
+    with ExpertStore(tmp_path, ram_bytes=4 * size_of(full), gpu_bytes=size_of(full)) as st:
+        for n, t in others.items():
+            st.put(n, t)
+        st.put("e", full, durable=True)
+        allocs = dict(st.stats.allocs)
+        st.put("e", expert(1), keep_optimizer=False, durable=True)
+        assert st.stats.allocs == allocs
+        assert_same(st.get("e")[0], last)
+        for n, t in others.items():
+            assert_same(st.get(n)[0], t)
+    reopened = ExpertStore(tmp_path, ram_bytes=4 * size_of(full), gpu_bytes=size_of(full))
+    assert_same(reopened.get("e")[0], last)
+    reopened.close()
+
+
 def test_accounting_counts_bytes_exactly(tmp_path):
     x, y, z = expert(0, width=17), expert(1, width=40), expert(2, width=9)
     nx, ny, nz = nbytes(x), nbytes(y), nbytes(z)
