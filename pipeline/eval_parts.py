@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from gmlib import frontier
+
 FILES = ("eval_quality.csv", "eval_docs.csv", "eval_parus.csv", "eval_parus_items.csv", "eval_generations.json",
          "summary.json", "metrics.json")
 
@@ -63,3 +65,28 @@ def merge_quality(old: pd.DataFrame, new: pd.DataFrame, source) -> pd.DataFrame:
 def merge_texts(old: dict, new: dict) -> dict:
     """{prompt: {model: text}} of both parts; new texts replace old ones of the same model."""
     return {p: {**old.get(p, {}), **new.get(p, {})} for p in {**old, **new}}
+
+
+def ledger_rows_from_files(run_dir: Path, budget: str, budget_flops_6nd: float | None, stamp: dict,
+                           n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """The ledger rows (gmlib.frontier.rows) of the evaluation saved in `run_dir`, from its files: a part
+    whose machine was lost after it saved eval_docs, eval_quality and eval_facts (05 writes them in that
+    order, then appends to the ledger) but before the append. With the evaluation's own budget, n_boot
+    and seed (its parameters file) the rows are the ones 05 would have written: the bootstrap depends
+    only on the seed and the documents. `stamp`: device, commit and date of the evaluation."""
+    run_dir = Path(run_dir)
+    docs_path = next((run_dir / f for f in ("eval_docs.csv", "eval_docs.csv.gz") if (run_dir / f).is_file()), None)
+    for path in (docs_path, run_dir / "eval_quality.csv", run_dir / "eval_facts.json"):
+        if path is None or not path.is_file():
+            raise FileNotFoundError(f"{path or run_dir / 'eval_docs.csv'}: missing; the evaluation did not get "
+                                    "that far, rerun it")
+    docs = pd.read_csv(docs_path, keep_default_na=False, na_values={"max_doc_tokens": [""]})
+    quality = pd.read_csv(run_dir / "eval_quality.csv").set_index("model")
+    facts = json.loads((run_dir / "eval_facts.json").read_text())
+    models = list(dict.fromkeys(docs["model"]))
+    for name, have in (("eval_quality.csv", set(quality.index)), ("eval_facts.json", set(facts))):
+        if missing := [m for m in models if m not in have]:
+            raise ValueError(f"{run_dir / name}: no entry for {missing}, which {docs_path.name} scores; "
+                             "the files are from different parts")
+    info = quality[["params_total", "params_active", "train_gpu_seconds"]].to_dict("index")
+    return frontier.rows(docs, info, facts, budget, budget_flops_6nd, stamp, n_boot=n_boot, seed=seed)

@@ -1,4 +1,7 @@
 """The frontier ledger: paired differences against hand computations, and row replacement."""
+import json
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -112,3 +115,55 @@ def test_two_processes_updating_the_ledger_lose_no_row(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     df = frontier.read(path)
     assert len(df) == 30 and set(df["budget"]) == {"B1", "B2"}
+
+
+def _saved_evaluation(run_dir, docs, facts):
+    """What notebook 05 saves before it appends to the ledger: eval_docs (gzipped, as results/ keeps
+    it), eval_quality (its params and GPU-seconds columns) and eval_facts."""
+    from gmlib import evaluate
+    run_dir.mkdir(parents=True)
+    docs.to_csv(run_dir / "eval_docs.csv.gz", index=False)
+    evaluate.quality_from_docs(docs, INFO, 200, 0).to_csv(run_dir / "eval_quality.csv", index=False)
+    (run_dir / "eval_facts.json").write_text(json.dumps(facts))
+    (run_dir / "metrics.json").write_text(json.dumps({"stages": {
+        "05_evaluate": {"device": "cpu", "git_commit": "abc", "finished_at": "2026-12-04T20:00:00+0000"}}}))
+
+
+def test_ledger_rows_from_saved_files_equal_the_evaluations_own(tmp_path):
+    from pipeline.eval_parts import ledger_rows_from_files
+    _saved_evaluation(tmp_path / "b1", _docs(), FACTS)
+    stamp = {"device": "cpu", "commit": "abc", "date": "2026-12-04"}
+    got = ledger_rows_from_files(tmp_path / "b1", "B1", None, stamp, n_boot=200, seed=0)
+    want = frontier.rows(_docs(), INFO, FACTS, "B1", None, stamp, n_boot=200, seed=0)
+    pd.testing.assert_frame_equal(got, want)
+    (tmp_path / "b1" / "eval_facts.json").write_text(json.dumps({k: v for k, v in FACTS.items() if k != "g"}))
+    with pytest.raises(ValueError, match=r"eval_facts\.json: no entry for \['g'\]"):
+        ledger_rows_from_files(tmp_path / "b1", "B1", None, stamp, n_boot=200, seed=0)
+
+
+def test_ledger_script_adds_the_missing_rows_only_when_the_others_recompute_equal(tmp_path, monkeypatch):
+    import yaml
+    from gmlib.paths import REPO_ROOT
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import ledger_from_eval
+    monkeypatch.setenv("GM_RESULTS_DIR", str(tmp_path / "results"))
+    run = tmp_path / "results" / "fr" / "b1"
+    _saved_evaluation(run, _docs(), FACTS)
+    params = tmp_path / "05_evaluate.settings.params.yaml"
+    params.write_text(yaml.safe_dump({"ledger": "fr", "budget": "B1", "budget_flops_6nd": None, "n_boot": 200,
+                                      "seed": 0}))
+    stamp = {"device": "cpu", "commit": "abc", "date": "2026-12-04"}
+    ledger = tmp_path / "results" / "fr" / "runs.csv"
+    earlier = frontier.rows(_docs(), INFO, FACTS, "B1", None, stamp, n_boot=200, seed=0)
+    frontier.update(ledger, earlier[earlier["model"] != "g"])   # the part that appended before the cut-off one
+    ledger_from_eval.main([str(run), str(params)])
+    frontier.update(tmp_path / "want.csv", earlier)                  # all rows appended by the evaluation itself
+    by_model = lambda path: frontier.read(path).sort_values("model", ignore_index=True)  # noqa: E731
+    pd.testing.assert_frame_equal(by_model(ledger), by_model(tmp_path / "want.csv"))
+    bad = frontier.read(ledger)
+    bad = bad[bad["model"] != "g"].assign(bpb_macro=lambda d: d["bpb_macro"] + 0.01)
+    ledger.unlink()
+    frontier.update(ledger, bad)
+    with pytest.raises(SystemExit, match="differ from the ledger's"):
+        ledger_from_eval.main([str(run), str(params)])
+    assert "g" not in set(frontier.read(ledger)["model"])
