@@ -12,6 +12,7 @@ copying the weights into the decoder; the best of `--repeats` calls counts, afte
   reference   k=1 and k=2, batch 1   gmlib.mixture's reference engine (the generator before gmlib.decode)
   static      k=1 and k=2, batch 1   gmlib.decode, a CUDA graph per token on a GPU
   eager       k=1, batch 1           gmlib.decode with graphs=False (the graph's share of the gain)
+  compiled    k=1, batch 1           gmlib.decode with compiled=True: torch.compile'd step in the graph
   static      k=1 and k=2, batch B   --batch prompts of --prompt-len/2 .. --prompt-len tokens at once
 tokens_per_s counts new tokens of all rows of the batch; same_tokens_as_reference (batch 1) is how many
 leading tokens equal the reference engine's (all in fp32; bf16 kernels that round apart may split near-ties);
@@ -54,7 +55,9 @@ def timed(call, device, repeats):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-    return times[0], min(times[1:]), sorted({str(w.message) for w in caught}), out
+    # deprecation notices of the libraries (torch.compile's first import raises one) say nothing about the run
+    return times[0], min(times[1:]), sorted({str(w.message) for w in caught
+                                             if not issubclass(w.category, DeprecationWarning)}), out
 
 
 @torch.no_grad()
@@ -112,6 +115,8 @@ def main(argv=None):
         (1, "reference", [prompt], lambda: single.generate_many([prompt], n, engine="reference", **kw)),
         (1, "static", [prompt], lambda: single.generate_many([prompt], n, **kw)),
         (1, "eager", [prompt], lambda: decode.generate([experts[0]], [prompt], max_new_tokens=n, graphs=False, **kw)),
+        (1, "compiled", [prompt], lambda: decode.generate([experts[0]], [prompt], max_new_tokens=n, compiled=True,
+                                                          **kw)),
         (args.k, "reference", [prompt], lambda: mixture.generate_many([prompt], n, engine="reference", **kw)),
         (args.k, "static", [prompt], lambda: mixture.generate_many([prompt], n, **kw)),
         (1, "static", batch, lambda: single.generate_many(batch, n, **kw)),
@@ -133,7 +138,7 @@ def main(argv=None):
         margin = split_margin(experts[0], prompt + ref_toks[k][:same], ref_toks[k][same], toks[0][same]) \
             if k == 1 and same is not None and same < len(toks[0]) else None  # the mixture's: not computed
         rows.append({"model": args.size, "k": k, "engine": engine, "batch": len(prompts),
-                     "cuda_graph": engine == "static" and device.type == "cuda"
+                     "cuda_graph": engine in ("static", "compiled") and device.type == "cuda"
                      and not any("CUDA graph capture failed" in w for w in warned), "warnings": warned,
                      "same_tokens_as_reference": same, "split_logit_margin": margin,
                      "tokens_per_s": round(len(prompts) * n / best, 2), "seconds": round(best, 4),

@@ -153,8 +153,8 @@ class Tier:
 
     def alloc(self, nbytes: int, evict, protect=(), spare: Buffer | None = None) -> Buffer:
         """A buffer for `nbytes`: a free one that fits, else the free buffer `spare` if it holds
-        nbytes however much it wastes, else a new one within the budget, or one freed by
-        evict(name) of the least recently used entry not in `protect`."""
+        nbytes however much it wastes and no disk write of it is in flight, else a new one within the
+        budget, or one freed by evict(name) of the least recently used entry not in `protect`."""
         if nbytes > self.budget:
             raise StoreError(f"the {self.name} tier's budget of {self.budget} bytes cannot hold an expert "
                              f"of {nbytes} bytes")
@@ -166,8 +166,10 @@ class Tier:
                 return buf
             # put() of a smaller version (an expert's last segment drops its Adam moments) offers the buffer of
             # the version it replaces: its bytes are counted already, and a new pinned RAM buffer costs a
-            # cudaHostRegister (0.13-0.29 s for 0.44 GB on the H200 machine, results/bench/offload.json)
-            if spare is not None and spare in self.free and spare.capacity >= nbytes:
+            # cudaHostRegister (probably most of the 0.13-0.29 s those puts took on the H200 machine,
+            # results/bench/offload.json). Not while its disk write is in flight: that can take longer.
+            idle = spare is not None and (spare.future is None or spare.future.done())
+            if idle and spare in self.free and spare.capacity >= nbytes:
                 self.free.remove(spare)
                 return spare
             if self.used + nbytes <= self.budget:

@@ -8,7 +8,8 @@ gmlib.frontier.rows of the run folder's eval_docs.csv(.gz), eval_quality.csv and
 (pipeline.eval_parts.ledger_rows_from_files), so they are what notebook 05 would have written. The
 stamp (device, commit) is the run's last finished 05_evaluate stage in metrics.json, the machine and
 tree of the same plan; the date is that stage's. Only models not yet in the ledger are added, and only
-when the budget's rows already there come out equal when recomputed (a check of the recomputation).
+when the budget's rows already there come out equal when recomputed (a check of the recomputation); if
+the part scored a better dense model, every row of the budget is rewritten, as notebook 05 would have.
 """
 import argparse
 import json
@@ -47,21 +48,30 @@ def main(argv=None):
                                   n_boot=p["n_boot"], seed=p["seed"])
     path = results_dir(p["ledger"]) / "runs.csv"
     old = frontier.read(path).query("budget == @p['budget']").set_index("model") if path.is_file() else None
-    if old is not None and len(old):
+    old = old if old is not None and len(old) else None
+    moved = None
+    if old is not None:
         if gone := sorted(set(old.index) - set(rows["model"])):
             raise SystemExit(f"{path}: budget {p['budget']} has rows for {gone}, which {args.run_dir} does not "
                              "score; these are not that evaluation's tables")
         new = rows.set_index("model").loc[old.index]
-        num = [c for c in frontier.COLUMNS if c not in frontier.KEY and new[c].dtype.kind == "f"]
-        same = np.isclose(new[num].to_numpy(float), old[num].to_numpy(float), rtol=1e-9, equal_nan=True).all(axis=1)
-        if not same.all():
-            raise SystemExit(f"{path}: the recomputed rows of {list(old.index[~same])} differ from the ledger's; "
-                             "not appending")
-    frontier.update(path, rows if old is None else rows[~rows["model"].isin(old.index)])
+        if set(new["best_dense"]) != set(old["best_dense"]):  # every paired difference moves: 05 rewrites them all
+            moved = f"{old['best_dense'].iloc[0]} -> {new['best_dense'].iloc[0]}"
+        else:
+            num = [c for c in frontier.COLUMNS if c not in frontier.KEY and new[c].dtype.kind == "f"]
+            close = np.isclose(new[num].to_numpy(float), old[num].to_numpy(float), rtol=1e-9, equal_nan=True)
+            if not close.all():
+                bad = sorted({num[j] for j in np.nonzero(~close)[1]})
+                raise SystemExit(f"{path}: the recomputed rows of {list(old.index[~close.all(axis=1)])} differ from "
+                                 f"the ledger's in {bad}: the saved tables or {args.params} are not that "
+                                 "evaluation's; nothing written")
+    # new models only, the rows already there untouched (they recomputed equal); all of them when the best
+    # dense model moved, as notebook 05 would have written them
+    frontier.update(path, rows if old is None or moved else rows[~rows["model"].isin(old.index)])
     added = sorted(set(rows["model"]) - set(old.index if old is not None else []))
-    print(f"{path}: {len(added)} rows added for budget {p['budget']}: {added}"
-          + (f"; the {len(old)} rows already there recomputed equal" if old is not None and len(old) else ""))
-
+    said = (f"; the best dense model moved ({moved}), so the budget's {len(old)} earlier rows were rewritten"
+            if moved else f"; the {len(old)} rows already there recomputed equal" if old is not None else "")
+    print(f"{path}: {len(added)} rows added for budget {p['budget']}: {added}{said}")
 
 if __name__ == "__main__":
     main()

@@ -15,8 +15,8 @@ def test_bench_decode_writes_one_row_per_variant(tmp_path):
     bench.main(args)
     rows = json.loads(out.read_text())
     assert {(r["k"], r["engine"], r["batch"]) for r in rows} == {
-        (1, "reference", 1), (1, "static", 1), (1, "eager", 1), (2, "reference", 1), (2, "static", 1),
-        (1, "static", 3), (2, "static", 3)}
+        (1, "reference", 1), (1, "static", 1), (1, "eager", 1), (1, "compiled", 1), (2, "reference", 1),
+        (2, "static", 1), (1, "static", 3), (2, "static", 3)}
     for r in rows:
         assert {"model", "k", "tokens_per_s", "batch", "device", "commit"} <= set(r)
         assert r["model"] == "tiny" and r["tokens_per_s"] > 0 and r["device"].startswith("cpu") and r["commit"]

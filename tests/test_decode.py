@@ -110,3 +110,15 @@ def test_decoders_are_reused_and_eager_on_cpu():
     with pytest.raises(ValueError, match="engine"):
         SingleLM(m).generate([1], 3, engine="fast")
     assert SingleLM(m).generate_many([[1], [1, 2]], 0) == [[], []]
+
+
+def test_the_compiled_step_decodes_the_same_tokens():
+    """compiled=True (torch.compile of the step, on the CPU through inductor's C++ backend): the same greedy
+    tokens as the plain step, for one model and a mixture, with a prompt that overflows seq_len."""
+    models = [peaked_gpt(s, CFG) for s in (3, 4)]
+    prompts = PROMPTS + [list(range(1, 20))]
+    for ms in (models[:1], models):
+        want = decode.generate(ms, prompts, max_new_tokens=30, temperature=0.0)
+        assert decode.generate(ms, prompts, max_new_tokens=30, temperature=0.0, compiled=True) == want
+    dec = decode.decoder(models, len(prompts), 64, compiled=True)
+    assert dec.step == dec._step_compiled  # it compiled, rather than fell back to the plain step

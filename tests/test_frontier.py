@@ -1,6 +1,5 @@
 """The frontier ledger: paired differences against hand computations, and row replacement."""
 import json
-import sys
 
 import numpy as np
 import pandas as pd
@@ -129,41 +128,62 @@ def _saved_evaluation(run_dir, docs, facts):
         "05_evaluate": {"device": "cpu", "git_commit": "abc", "finished_at": "2026-12-04T20:00:00+0000"}}}))
 
 
+def _fractional_docs():
+    return _docs().assign(bits=lambda d: d["bits"] * 1.0370370370370371)  # bits that a CSV round trip must keep
+
+
+STAMP = {"device": "cpu", "commit": "abc", "date": "2026-12-04"}
+
+
 def test_ledger_rows_from_saved_files_equal_the_evaluations_own(tmp_path):
     from pipeline.eval_parts import ledger_rows_from_files
-    _saved_evaluation(tmp_path / "b1", _docs(), FACTS)
-    stamp = {"device": "cpu", "commit": "abc", "date": "2026-12-04"}
-    got = ledger_rows_from_files(tmp_path / "b1", "B1", None, stamp, n_boot=200, seed=0)
-    want = frontier.rows(_docs(), INFO, FACTS, "B1", None, stamp, n_boot=200, seed=0)
-    pd.testing.assert_frame_equal(got, want)
+    docs = _fractional_docs()
+    _saved_evaluation(tmp_path / "b1", docs, FACTS)
+    got = ledger_rows_from_files(tmp_path / "b1", "B1", None, STAMP, n_boot=200, seed=0)
+    pd.testing.assert_frame_equal(got, frontier.rows(docs, INFO, FACTS, "B1", None, STAMP, n_boot=200, seed=0))
     (tmp_path / "b1" / "eval_facts.json").write_text(json.dumps({k: v for k, v in FACTS.items() if k != "g"}))
     with pytest.raises(ValueError, match=r"eval_facts\.json: no entry for \['g'\]"):
-        ledger_rows_from_files(tmp_path / "b1", "B1", None, stamp, n_boot=200, seed=0)
+        ledger_rows_from_files(tmp_path / "b1", "B1", None, STAMP, n_boot=200, seed=0)
+    (tmp_path / "b1" / "eval_quality.csv").unlink()
+    with pytest.raises(FileNotFoundError, match=r"eval_quality\.csv: missing"):
+        ledger_rows_from_files(tmp_path / "b1", "B1", None, STAMP, n_boot=200, seed=0)
 
 
 def test_ledger_script_adds_the_missing_rows_only_when_the_others_recompute_equal(tmp_path, monkeypatch):
     import yaml
     from gmlib.paths import REPO_ROOT
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "scripts"))
     import ledger_from_eval
     monkeypatch.setenv("GM_RESULTS_DIR", str(tmp_path / "results"))
+    docs = _fractional_docs()
     run = tmp_path / "results" / "fr" / "b1"
-    _saved_evaluation(run, _docs(), FACTS)
+    _saved_evaluation(run, docs, FACTS)
     params = tmp_path / "05_evaluate.settings.params.yaml"
     params.write_text(yaml.safe_dump({"ledger": "fr", "budget": "B1", "budget_flops_6nd": None, "n_boot": 200,
                                       "seed": 0}))
-    stamp = {"device": "cpu", "commit": "abc", "date": "2026-12-04"}
     ledger = tmp_path / "results" / "fr" / "runs.csv"
-    earlier = frontier.rows(_docs(), INFO, FACTS, "B1", None, stamp, n_boot=200, seed=0)
-    frontier.update(ledger, earlier[earlier["model"] != "g"])   # the part that appended before the cut-off one
-    ledger_from_eval.main([str(run), str(params)])
-    frontier.update(tmp_path / "want.csv", earlier)                  # all rows appended by the evaluation itself
+    full = frontier.rows(docs, INFO, FACTS, "B1", None, STAMP, n_boot=200, seed=0)  # what 05 appends in one go
+    want = tmp_path / "want.csv"
+    frontier.update(want, full)
     by_model = lambda path: frontier.read(path).sort_values("model", ignore_index=True)  # noqa: E731
-    pd.testing.assert_frame_equal(by_model(ledger), by_model(tmp_path / "want.csv"))
-    bad = frontier.read(ledger)
-    bad = bad[bad["model"] != "g"].assign(bpb_macro=lambda d: d["bpb_macro"] + 0.01)
+
+    frontier.update(ledger, full[full["model"] != "g"])   # the part that appended before the cut-off one
+    ledger_from_eval.main([str(run), str(params)])
+    pd.testing.assert_frame_equal(by_model(ledger), by_model(want))
+
+    # the earlier part scored a and g only (best dense a); the cut-off part added b, the better dense model,
+    # so every paired difference moves and all rows are rewritten, as 05 would have
+    only_ag = docs[docs["model"] != "b"]
+    early = frontier.rows(only_ag, INFO, {k: FACTS[k] for k in "ag"}, "B1", None, STAMP, n_boot=200, seed=0)
+    assert set(early["best_dense"]) == {"a"}
+    ledger.unlink()
+    frontier.update(ledger, early)
+    ledger_from_eval.main([str(run), str(params)])
+    pd.testing.assert_frame_equal(by_model(ledger), by_model(want))
+
+    bad = full[full["model"] != "g"].assign(bpb_macro=lambda d: d["bpb_macro"] + 0.01)
     ledger.unlink()
     frontier.update(ledger, bad)
-    with pytest.raises(SystemExit, match="differ from the ledger's"):
+    with pytest.raises(SystemExit, match=r"differ from the ledger's in \['bpb_macro'\]"):
         ledger_from_eval.main([str(run), str(params)])
     assert "g" not in set(frontier.read(ledger)["model"])

@@ -128,15 +128,17 @@ def test_smaller_last_version_reuses_the_buffers_it_replaces(tmp_path):
         for n, t in others.items():
             st.put(n, t)
         st.put("e", full, durable=True)
-        allocs = dict(st.stats.allocs)
+        st.flush()  # its disk write is done, as a segment of training later (a buffer being written is not reused)
+        allocs, used = dict(st.stats.allocs), {t: st.used_bytes(t) for t in ("ram", "dev")}
         st.put("e", expert(1), keep_optimizer=False, durable=True)
-        assert st.stats.allocs == allocs
+        assert st.stats.allocs == allocs and {t: st.used_bytes(t) for t in ("ram", "dev")} == used
         assert_same(st.get("e")[0], last)
         for n, t in others.items():
             assert_same(st.get(n)[0], t)
     reopened = ExpertStore(tmp_path, ram_bytes=4 * size_of(full), gpu_bytes=size_of(full))
     assert_same(reopened.get("e")[0], last)
     reopened.close()
+    assert_same(load_file(tmp_path / "e" / "v000001.safetensors"), full)  # the full version 1 is intact beside it
 
 
 def test_accounting_counts_bytes_exactly(tmp_path):
