@@ -34,8 +34,14 @@ def init(backend: str | None = None, timeout: timedelta | None = None) -> tuple[
     return rank, world
 
 
-def close():
+def close(wait: bool = True):
+    """Tear the process group down. wait: meet every rank first; a rank that destroys its group while
+    another still tears its own down can abort at exit (gloo: "terminate called without an active
+    exception", about one run in three of tests/test_distributed.py without the barrier). On an error
+    path pass wait=False: another rank may be gone, and the barrier would hang until the timeout."""
     if dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

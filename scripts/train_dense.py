@@ -60,8 +60,10 @@ def main(argv=None):
     rank, world = distributed.init()
     try:
         run(p, rank, world)
-    finally:
-        distributed.close()
+    except BaseException:
+        distributed.close(wait=False)
+        raise
+    distributed.close()
 
 
 def run(p: dict, rank: int, world: int) -> dict | None:

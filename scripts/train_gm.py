@@ -74,8 +74,10 @@ def main(argv=None):
     rank, world = init_distributed()
     try:
         out = gm.train_gm(cfg, args.data, args.out, rank=rank, world_size=world, verbose=not args.quiet)
-    finally:
-        distributed.close()
+    except BaseException:
+        distributed.close(wait=False)
+        raise
+    distributed.close()
     if rank == 0:
         a, sw = out["accounting"], out["swap"]
         print(json.dumps({"out": str(args.out), "experts": out["n_experts"], "world_size": world,

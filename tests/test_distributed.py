@@ -60,20 +60,26 @@ def _rank(rank, world, port, shards, ckpt_dir, out, stop_at=None):
     from gmlib import distributed
     distributed.init("gloo")
     try:
-        tr = setup(MODEL, TrainConfig(**TCFG, device="cpu"), shards, ckpt_path=ckpt_dir / "checkpoint.safetensors",
-                   rank=rank, world_size=world)
-        if stop_at:  # a run cut short: its checkpoint (rank 0's) is where the next launch resumes, on every rank
-            tr.run(steps=stop_at, progress=False)
-            (out / f"rank{rank}_first.json").write_text(json.dumps({"seconds": tr.acct["seconds"]}))
-            return
-        start = tr.acct["seconds"]  # resumed: rank 0's clock of the first launch, on every rank
-        acct, paths = run_with_branches(tr, [0.5], ckpt_dir, progress=False)
-        val = tr.evaluate(batches=3)
-        with open(out / f"rank{rank}.json", "w") as f:
-            json.dump({"history": tr.history, "acct": acct, "seconds": tr.acct["seconds"] - start, "val": val,
-                       "branches": sorted(paths)}, f)
-    finally:
-        distributed.close()
+        _train(rank, world, shards, ckpt_dir, out, stop_at)
+    except BaseException:
+        distributed.close(wait=False)  # the other rank may be gone: no barrier
+        raise
+    distributed.close()
+
+
+def _train(rank, world, shards, ckpt_dir, out, stop_at):
+    tr = setup(MODEL, TrainConfig(**TCFG, device="cpu"), shards, ckpt_path=ckpt_dir / "checkpoint.safetensors",
+               rank=rank, world_size=world)
+    if stop_at:  # a run cut short: its checkpoint (rank 0's) is where the next launch resumes, on every rank
+        tr.run(steps=stop_at, progress=False)
+        (out / f"rank{rank}_first.json").write_text(json.dumps({"seconds": tr.acct["seconds"]}))
+        return
+    start = tr.acct["seconds"]  # resumed: rank 0's clock of the first launch, on every rank
+    acct, paths = run_with_branches(tr, [0.5], ckpt_dir, progress=False)
+    val = tr.evaluate(batches=3)
+    with open(out / f"rank{rank}.json", "w") as f:
+        json.dump({"history": tr.history, "acct": acct, "seconds": tr.acct["seconds"] - start, "val": val,
+                   "branches": sorted(paths)}, f)
 
 
 def test_ddp_on_two_processes_is_the_one_process_run(syn_shards, tmp_path):
