@@ -114,8 +114,10 @@ class Decoder:
         qk = _interleave(self.H, self.D)
         self.qkv_rows = torch.cat([qk, qk + cfg.n_embd, torch.arange(2 * cfg.n_embd, 3 * cfg.n_embd)]).to(self.dev)
         # (seq_len, D/2): e^(i·pos·freq); complex needs fp32 parts, and a bf16 model's buffers upcast exactly
+        # inductor generates no complex arithmetic: the compiled step gets (cos, sin) pairs in a last dimension
         self.rope = torch.complex(template.rope_cos.float(), template.rope_sin.float())
-        self.rope_cs = torch.view_as_real(self.rope)  # (seq_len, D/2, 2): cos, sin, for the compiled step
+        if compiled:
+            self.rope = torch.view_as_real(self.rope)
         self.act = GATED[cfg.activation] if cfg.gated else ACTIVATIONS[cfg.activation]
         cache = (n_models, batch, self.H, slots, self.D)
         self.k = [z(*cache) for _ in range(cfg.n_layer)]
@@ -151,8 +153,7 @@ class Decoder:
         write(cache, new) puts the new keys/values into the caches kc, vc (lists of (E, b, H, S', D)).
         Returns the final normed hidden states (E, b, T, C)."""
         E, (b, T), w, H, D, C = self.E, x.shape, self.w, self.H, self.D, self.cfg.n_embd
-        # (1, b, T, 1, 1, D/2): complex, or as (cos, sin) pairs in the last dimension for the compiled step
-        rope = (self.rope if self._compiled is None else self.rope_cs)[pos][None, :, :, None, None]
+        rope = self.rope[pos][None, :, :, None, None]       # (1, b, T, 1, 1, D/2), complex or (cos, sin) pairs
         h = w["wte.weight"][:, x]                                            # (E, b, T, C)
         if self.residual_dtype is not None:  # a bf16 stream of training (gmlib.train): the reference rounds the
             h = h.to(self.residual_dtype).to(h.dtype)  # embedding to it, and the first block's sums are fp32 again
@@ -163,9 +164,9 @@ class Decoder:
             qkv = _mm(_norm(h, w[p + "norm1.weight"]), w[p + "attn.qkv.weight"])      # (E, b, T, 3C)
             # RoPE on q and k together: the pairs sit side by side (see _interleave), one complex multiply
             pairs = qkv[..., :2 * C].float().reshape(E, b, T, 2, H, D // 2, 2)
-            if self._compiled is None:
+            if rope.is_complex():
                 qk = torch.view_as_real(torch.view_as_complex(pairs) * rope)
-            else:  # inductor generates no complex arithmetic: the same product written out in reals, fused
+            else:  # the compiled step: the same product written out in reals, which inductor fuses
                 re, im, c, s = pairs[..., 0], pairs[..., 1], rope[..., 0], rope[..., 1]
                 qk = torch.stack([re * c - im * s, re * s + im * c], dim=-1)
             q, k = qk.reshape(E, b, T, 2, H, D).to(h.dtype).permute(3, 0, 1, 4, 2, 5)

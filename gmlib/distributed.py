@@ -7,6 +7,7 @@ ranks only meet at barriers. Without torchrun (no WORLD_SIZE in the environment)
 the single-process case: rank 0 of 1, no process group, reductions return their input.
 """
 import os
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -43,6 +44,19 @@ def close(wait: bool = True):
         if wait:
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextmanager
+def group(backend: str | None = None, timeout: timedelta | None = None):
+    """`with group() as (rank, world):` init() on entry; on exit close(), with the barrier only when the
+    body ended without an exception."""
+    ranks = init(backend, timeout)
+    try:
+        yield ranks
+    except BaseException:
+        close(wait=False)
+        raise
+    close()
 
 
 def active() -> bool:

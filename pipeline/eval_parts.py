@@ -18,6 +18,12 @@ FILES = ("eval_quality.csv", "eval_docs.csv", "eval_parus.csv", "eval_parus_item
          "summary.json", "metrics.json")
 
 
+def read_docs(path) -> pd.DataFrame:
+    """05's per-document table (eval_docs.csv, or .csv.gz as results/ keeps it); an empty max_doc_tokens is NaN,
+    every other empty cell an empty string."""
+    return pd.read_csv(path, keep_default_na=False, na_values={"max_doc_tokens": [""]})
+
+
 def load_earlier(run_dir: Path, parus_style: str) -> dict | None:
     """What earlier parts wrote in `run_dir`, or None when no evaluation has run there yet."""
     run_dir = Path(run_dir)
@@ -35,7 +41,7 @@ def load_earlier(run_dir: Path, parus_style: str) -> dict | None:
         raise ValueError(f"{run_dir / 'summary.json'}: the earlier evaluation summarised PARus style "
                          f"{summary.get('parus_style')!r}, this one {parus_style!r}; use the same parus_styles")
     return {"quality": pd.read_csv(run_dir / "eval_quality.csv"),
-            "docs": pd.read_csv(run_dir / "eval_docs.csv", keep_default_na=False, na_values={"max_doc_tokens": [""]}),
+            "docs": read_docs(run_dir / "eval_docs.csv"),
             "parus_table": pd.read_csv(run_dir / "eval_parus.csv"),
             "parus_items": pd.read_csv(run_dir / "eval_parus_items.csv"),
             "parus": metrics["parus"],
@@ -80,7 +86,7 @@ def ledger_rows_from_files(run_dir: Path, budget: str, budget_flops_6nd: float |
         if path is None or not path.is_file():
             raise FileNotFoundError(f"{path or run_dir / 'eval_docs.csv'}: missing; the evaluation did not get "
                                     "that far, rerun it")
-    docs = pd.read_csv(docs_path, keep_default_na=False, na_values={"max_doc_tokens": [""]})
+    docs = read_docs(docs_path)
     quality = pd.read_csv(run_dir / "eval_quality.csv").set_index("model")
     facts = json.loads((run_dir / "eval_facts.json").read_text())
     models = list(dict.fromkeys(docs["model"]))

@@ -57,13 +57,8 @@ def main(argv=None):
                     help="one of 03's parameters (YAML value); later wins")
     args = ap.parse_args(argv)
     p = read_params(args.run_name, args.params_file, {k: yaml.safe_load(v) for k, v in args.param})
-    rank, world = distributed.init()
-    try:
+    with distributed.group() as (rank, world):
         run(p, rank, world)
-    except BaseException:
-        distributed.close(wait=False)
-        raise
-    distributed.close()
 
 
 def run(p: dict, rank: int, world: int) -> dict | None:

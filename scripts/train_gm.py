@@ -51,11 +51,11 @@ def read_config(path: Path, sets: list[str]) -> tuple[gm.GMConfig, dict]:
     return gm.GMConfig.from_dict(flat), run
 
 
-def init_distributed() -> tuple[int, int]:
-    """(rank, world_size) from torchrun's environment, with a gloo group when world_size > 1. Gloo
-    even on GPUs: ranks only wait at barriers (no tensor crosses), gloo's wait needs no GPU, and
-    the long timeout lets ranks finish their experts hours apart."""
-    return distributed.init("gloo", timeout=timedelta(days=7))
+def distributed_group():
+    """distributed.group() from torchrun's environment, a gloo group when world_size > 1. Gloo even on
+    GPUs: ranks only wait at barriers (no tensor crosses), gloo's wait needs no GPU, and the long
+    timeout lets ranks finish their experts hours apart."""
+    return distributed.group("gloo", timeout=timedelta(days=7))
 
 
 def main(argv=None):
@@ -71,13 +71,8 @@ def main(argv=None):
     args.data, args.out = args.data or run["data"], args.out or run["out"]
     if args.data is None or args.out is None:
         ap.error("give --data and --out, or data_name, run_name and gm_name in the config")
-    rank, world = init_distributed()
-    try:
+    with distributed_group() as (rank, world):
         out = gm.train_gm(cfg, args.data, args.out, rank=rank, world_size=world, verbose=not args.quiet)
-    except BaseException:
-        distributed.close(wait=False)
-        raise
-    distributed.close()
     if rank == 0:
         a, sw = out["accounting"], out["swap"]
         print(json.dumps({"out": str(args.out), "experts": out["n_experts"], "world_size": world,

@@ -58,13 +58,8 @@ def _rank(rank, world, port, shards, ckpt_dir, out, stop_at=None):
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from gmlib import distributed
-    distributed.init("gloo")
-    try:
+    with distributed.group("gloo"):
         _train(rank, world, shards, ckpt_dir, out, stop_at)
-    except BaseException:
-        distributed.close(wait=False)  # the other rank may be gone: no barrier
-        raise
-    distributed.close()
 
 
 def _train(rank, world, shards, ckpt_dir, out, stop_at):
